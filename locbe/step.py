@@ -1,0 +1,202 @@
+"""One LOC-BE training step: every view, every pseudo label, every loss term.
+
+Order follows method.md: multi-scale CAMs (no grad) -> region partition -> main forward ->
+pseudo labels (PAR-refined) -> cls / aux / sc / seg / reg -> BE (erased view, hybrid pooling) ->
+LOC (4 local crops vs the global class token). Terms whose weight is zero in the current phase
+are not computed at all, so the early VOC phase costs what it costs the authors.
+
+``fast=True`` computes the same maths with fewer passes (see ``_encode_main_and_erased``):
+the main and erased views share one batched encoder pass, and equal-shaped LOC crops share
+one pass. Results equal the plain path up to float reduction order (tests/test_step.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from locbe import cam as camlib
+from locbe import losses
+from locbe.config import TrainConfig
+from locbe.data import denormalize
+
+
+@dataclass
+class StepOutput:
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, detached
+    weights: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # cams, regions, labels (detached)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """RNG for the step's own random choices (LOC crop centres). A pure function of (seed, step, rank),
+    so a resumed run draws exactly what the uninterrupted run drew."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step) * 997 + rank)
+    return g
+
+
+class _Timer:
+    """Optional per-component wall-clock breakdown for benchmarks (no-op unless given a dict)."""
+
+    def __init__(self, sink: dict[str, float] | None, device: torch.device):
+        self.sink, self.device = sink, device
+
+    def __call__(self, name: str):
+        return _TimerSection(self, name)
+
+
+class _TimerSection:
+    def __init__(self, timer: _Timer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        if self.timer.sink is not None:
+            import time
+
+            if self.timer.device.type == "cuda":
+                torch.cuda.synchronize(self.timer.device)
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.timer.sink is not None:
+            import time
+
+            if self.timer.device.type == "cuda":
+                torch.cuda.synchronize(self.timer.device)
+            self.timer.sink[self.name] = self.timer.sink.get(self.name, 0.0) + time.perf_counter() - self.t0
+        return False
+
+
+def training_step(
+    model: torch.nn.Module,
+    batch: dict,
+    step: int,
+    cfg: TrainConfig,
+    *,
+    par: torch.nn.Module,
+    reg_loss: torch.nn.Module | None,
+    generator: torch.Generator | None = None,
+    fast: bool | None = None,
+    timings: dict[str, float] | None = None,
+) -> StepOutput:
+    """Compute the weighted total loss for 1-based ``step``.
+
+    Multi-process training averages gradients after ``backward`` (locbe.train), so ``model`` is the
+    bare network here and may be called any number of times per step."""
+    net = model
+    fast = cfg.fast_step if fast is None else fast
+    images = batch["image"]
+    cls_label = batch["cls_label"].to(images.dtype)
+    img_box = batch["img_box"]
+    device = images.device
+    weights = cfg.loss_weights(step)
+    timer = _Timer(timings, device)
+    generator = generator if generator is not None else step_generator(cfg.seed, step)
+
+    need_labels = any(k in weights for k in ("seg", "reg"))
+    need_regions = any(k in weights for k in ("be", "loc"))
+    need_aux_labels = "sc" in weights
+    need_cams = need_labels or need_regions or need_aux_labels
+
+    extras: dict[str, torch.Tensor] = {}
+    if need_cams:
+        with timer("cam_forwards"):
+            cams, aux_cams = camlib.multiscale_cam(net, images, scales=cfg.cam_scales)
+        extras["cam"], extras["aux_cam"] = cams, aux_cams
+    regions = None
+    if need_regions:
+        regions = camlib.region_partition(aux_cams, cls_label, low=cfg.low, high=cfg.high)
+        extras["regions"] = regions
+
+    # ---- main forward (and, on the fast path, the erased BE view in the same encoder pass)
+    be_out = None
+    with timer("main_forward"):
+        if fast and "be" in weights:
+            out, be_out = _encode_main_and_erased(model, images, camlib.erase_for_be(images, regions))
+        else:
+            out = model(images)
+
+    terms: dict[str, torch.Tensor] = {}
+    terms["cls"] = losses.cls_loss(out.cls_logits, cls_label)
+    terms["cls_aux"] = losses.cls_loss(out.aux_cls_logits, cls_label)
+
+    if need_aux_labels:
+        aux_label = camlib.cam_to_label(aux_cams, cls_label, img_box=img_box, bkg_thre=cfg.bkg_thre,
+                                        high=cfg.high, low=cfg.low, ignore_mid=True)
+        terms["sc"] = losses.patch_contrast_loss(out.patch_tokens, aux_label)
+
+    if need_labels:
+        with timer("par"):
+            source = aux_cams if cfg.phase_at(step).label_source == "aux" else cams
+            pseudo = camlib.refine_cams_with_par(
+                par, denormalize(images), source, cls_label, img_box, high=cfg.high, low=cfg.low,
+                bkg_thre=cfg.bkg_thre)
+        extras["pseudo_label"] = pseudo
+        seg_logits = F.interpolate(out.seg_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if "seg" in weights:
+            terms["seg"] = losses.seg_loss(seg_logits, pseudo)
+        if "reg" in weights:
+            if reg_loss is None:
+                raise ValueError("the active phase uses the regularized loss but reg_loss=None was given")
+            with timer("reg_loss"):
+                crop_mask = _box_mask(img_box, images.shape[-2:], device, images.dtype)
+                terms["reg"] = reg_loss(denormalize(images) * 255.0, torch.softmax(seg_logits, dim=1),
+                                        crop_mask, pseudo)
+
+    if "be" in weights:
+        with timer("be"):
+            if be_out is None:
+                be_out = model(camlib.erase_for_be(images, regions), pooling="hybrid")
+            terms["be"] = losses.be_loss(be_out.cls_logits, cls_label)
+
+    if "loc" in weights:
+        with timer("loc_crops"):
+            boxes = camlib.sample_loc_crops(regions, num_crops=cfg.loc_num_crops, crop_size=cfg.loc_crop_size,
+                                            generator=generator)
+            crops = camlib.crop_views(images, boxes)
+            local_tokens = _class_tokens(net, crops, fast)
+            terms["loc"] = torch.stack(
+                [losses.loc_loss(out.cls_token, tok, cls_label) for tok in local_tokens]).mean()
+
+    total = sum(weights[k] * v for k, v in terms.items() if k in weights)
+    return StepOutput(total=total, terms={k: v.detach() for k, v in terms.items()}, weights=weights,
+                      extras=extras)
+
+
+def _box_mask(img_box: torch.Tensor, size, device, dtype) -> torch.Tensor:
+    """(B,H,W) 1 inside each image's valid box (y0, y1, x0, x1), else 0."""
+    h, w = size
+    ys = torch.arange(h, device=device).view(1, h, 1)
+    xs = torch.arange(w, device=device).view(1, 1, w)
+    box = img_box.to(device).view(-1, 4, 1, 1)
+    inside = (ys >= box[:, 0]) & (ys < box[:, 1]) & (xs >= box[:, 2]) & (xs < box[:, 3])
+    return inside.to(dtype)
+
+
+def _encode_main_and_erased(model, images, erased):
+    """Main view (GMP) and erased view (hybrid pooling) from ONE encoder pass over the concatenated
+    batch. Each sample's encoder computation is independent of the others (per-token LayerNorm,
+    per-sample attention), so this equals two passes up to float summation order."""
+    both = model(torch.cat([images, erased], dim=0), pooling=("gmp", "hybrid"), split=images.shape[0])
+    return both
+
+
+def _class_tokens(net, crops: list[torch.Tensor], fast: bool) -> list[torch.Tensor]:
+    """Global class tokens of each LOC crop view. The fast path runs equal-shaped crops in one pass
+    (no resizing or padding, so nothing changes mathematically)."""
+    if not fast:
+        return [net.class_token(c) for c in crops]
+    tokens: list[torch.Tensor | None] = [None] * len(crops)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(crops):
+        groups.setdefault(tuple(c.shape[-2:]), []).append(i)
+    for idx in groups.values():
+        batched = net.class_token(torch.cat([crops[i] for i in idx], dim=0))
+        for j, tok in zip(idx, batched.split(crops[idx[0]].shape[0], dim=0)):
+            tokens[j] = tok
+    return tokens
