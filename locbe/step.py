@@ -126,16 +126,15 @@ def training_step(
     terms["cls_aux"] = losses.cls_loss(out.aux_cls_logits, cls_label)
 
     if need_aux_labels:
-        aux_label = camlib.cam_to_label(aux_cams, cls_label, img_box=img_box, bkg_thre=cfg.bkg_thre,
-                                        high=cfg.high, low=cfg.low, ignore_mid=True)
+        aux_label = camlib.patch_labels(aux_cams, cls_label, img_box, grid=out.patch_tokens.shape[-2:],
+                                        patch=net.patch_size, bkg_thre=cfg.bkg_thre, high=cfg.high, low=cfg.low)
         terms["sc"] = losses.patch_contrast_loss(out.patch_tokens, aux_label)
 
     if need_labels:
         with timer("par"):
             source = aux_cams if cfg.phase_at(step).label_source == "aux" else cams
             pseudo = camlib.refine_cams_with_par(
-                par, denormalize(images), source, cls_label, img_box, high=cfg.high, low=cfg.low,
-                bkg_thre=cfg.bkg_thre)
+                par, denormalize(images), source, cls_label, img_box, high=cfg.high, low=cfg.low)
         extras["pseudo_label"] = pseudo
         seg_logits = F.interpolate(out.seg_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if "seg" in weights:
@@ -144,7 +143,7 @@ def training_step(
             if reg_loss is None:
                 raise ValueError("the active phase uses the regularized loss but reg_loss=None was given")
             with timer("reg_loss"):
-                crop_mask = _box_mask(img_box, images.shape[-2:], device, images.dtype)
+                crop_mask = camlib.box_mask(img_box, images.shape[-2:], device).to(images.dtype)
                 terms["reg"] = reg_loss(denormalize(images) * 255.0, torch.softmax(seg_logits, dim=1),
                                         crop_mask, pseudo)
 
@@ -166,16 +165,6 @@ def training_step(
     total = sum(weights[k] * v for k, v in terms.items() if k in weights)
     return StepOutput(total=total, terms={k: v.detach() for k, v in terms.items()}, weights=weights,
                       extras=extras)
-
-
-def _box_mask(img_box: torch.Tensor, size, device, dtype) -> torch.Tensor:
-    """(B,H,W) 1 inside each image's valid box (y0, y1, x0, x1), else 0."""
-    h, w = size
-    ys = torch.arange(h, device=device).view(1, h, 1)
-    xs = torch.arange(w, device=device).view(1, 1, w)
-    box = img_box.to(device).view(-1, 4, 1, 1)
-    inside = (ys >= box[:, 0]) & (ys < box[:, 1]) & (xs >= box[:, 2]) & (xs < box[:, 3])
-    return inside.to(dtype)
 
 
 def _encode_main_and_erased(model, images, erased):

@@ -178,11 +178,15 @@ class LOCBENet(nn.Module):
         return (self.heads(cls_token[:split], patch_tokens[:split], aux_tokens[:split], first),
                 self.heads(cls_token[split:], patch_tokens[split:], aux_tokens[split:], second))
 
-    def cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw CAMs relu(conv(x, classifier.weight)) and aux CAMs at patch resolution (B, F, h, w)."""
+    def cams(self, x: torch.Tensor, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """CAMs relu(conv(x, classifier.weight)) and aux CAMs at patch resolution (B, F, h, w).
+
+        ``relu=False`` gives the pre-activation maps: the multi-scale CAM upsamples and flip-maxes
+        those and applies the relu afterwards, as the authors do."""
         _, patch_tokens, aux_tokens = self.encode(x)
-        return (F.relu(F.conv2d(patch_tokens, self.classifier.weight)),
-                F.relu(F.conv2d(aux_tokens, self.aux_classifier.weight)))
+        cam = F.conv2d(patch_tokens, self.classifier.weight)
+        aux = F.conv2d(aux_tokens, self.aux_classifier.weight)
+        return (F.relu(cam), F.relu(aux)) if relu else (cam, aux)
 
     def class_token(self, x: torch.Tensor) -> torch.Tensor:
         """Final-norm class token only (LOC crops)."""
