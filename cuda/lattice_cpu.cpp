@@ -1,0 +1,176 @@
+// CPU backend: the kernels of lattice_kernels.h in OpenMP loops, the Python bindings, and the plain
+// serial reference (one channel at a time, std::map lattice, simple loops) used by the tests.
+#include <torch/extension.h>
+
+#include <array>
+#include <map>
+#include <vector>
+
+#include "lattice_filter.h"
+
+namespace locbe {
+
+struct CpuLaunch {
+  template <class F>
+  static void run(int64_t n, const F& f) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+};
+
+#ifdef WITH_CUDA
+torch::Tensor lattice_filter_cuda(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
+                                  double sigma_rgb, bool deterministic, bool reverse);
+#endif
+
+torch::Tensor lattice_filter(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
+                             double sigma_rgb, bool deterministic, bool reverse) {
+  TORCH_CHECK(image.dim() == 4 && image.size(1) == 3, "image must be (B, 3, H, W)");
+  TORCH_CHECK(values.dim() == 4, "values must be (B, K, H, W)");
+  TORCH_CHECK(image.device() == values.device(), "image and values must be on the same device");
+  if (values.is_cuda()) {
+#ifdef WITH_CUDA
+    return lattice_filter_cuda(image, values, sigma_xy, sigma_rgb, deterministic, reverse);
+#else
+    TORCH_CHECK(false, "this build of the locbe lattice extension has no CUDA backend");
+#endif
+  }
+  return lattice_filter_impl<CpuLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse);
+}
+
+// ---------------------------------------------------------------------------- serial reference
+// Deliberately plain: its own elevation code written from the paper, a std::map from keys to lattice
+// points, one value channel at a time, serial loops.
+using Key = std::array<int, kD>;
+
+static void elevate_serial(const float* f, std::array<Key, kV>& keys, std::array<float, kV>& bary_out) {
+  const float inv_std = std::sqrt(2.0f / 3.0f) * (kD + 1);
+  float el[kV];
+  float sm = 0.0f;
+  for (int j = kD; j > 0; --j) {
+    float cf = f[j - 1] * (1.0f / std::sqrt(static_cast<float>((j + 1) * j)) * inv_std);
+    el[j] = sm - j * cf;
+    sm += cf;
+  }
+  el[0] = sm;
+  int rem0[kV], rank[kV], sum = 0;
+  for (int j = 0; j <= kD; ++j) {
+    int rd = static_cast<int>(std::round((1.0f / (kD + 1)) * el[j]));
+    rem0[j] = rd * (kD + 1);
+    sum += rd;
+    rank[j] = 0;
+  }
+  for (int a = 0; a < kD; ++a)
+    for (int b = a + 1; b <= kD; ++b) {
+      if (el[a] - rem0[a] < el[b] - rem0[b]) rank[a]++;
+      else rank[b]++;
+    }
+  for (int j = 0; j <= kD; ++j) {
+    rank[j] += sum;
+    if (rank[j] < 0) { rank[j] += kD + 1; rem0[j] += kD + 1; }
+    else if (rank[j] > kD) { rank[j] -= kD + 1; rem0[j] -= kD + 1; }
+  }
+  float bary[kV + 1] = {0};
+  for (int j = 0; j <= kD; ++j) {
+    float v = (el[j] - rem0[j]) * (1.0f / (kD + 1));
+    bary[kD - rank[j]] += v;
+    bary[kD - rank[j] + 1] -= v;
+  }
+  bary[0] += 1.0f + bary[kD + 1];
+  for (int r = 0; r <= kD; ++r) {
+    for (int j = 0; j < kD; ++j) keys[r][j] = rem0[j] + (rank[j] <= kD - r ? r : r - (kD + 1));
+    bary_out[r] = bary[r];
+  }
+}
+
+torch::Tensor lattice_filter_serial(const torch::Tensor& image_in, const torch::Tensor& values_in, double sigma_xy,
+                                    double sigma_rgb, bool reverse) {
+  TORCH_CHECK(!values_in.is_cuda(), "the serial reference runs on the CPU");
+  auto image = image_in.contiguous().to(torch::kFloat32);
+  auto values = values_in.contiguous().to(torch::kFloat64);
+  const int64_t b = values.size(0), k = values.size(1), h = values.size(2), w = values.size(3), n = h * w;
+  auto out = torch::zeros_like(values);
+  const double alpha = 1.0 / (1.0 + std::pow(2.0, -kD));
+  for (int64_t bi = 0; bi < b; ++bi) {
+    const float* img = image[bi].data_ptr<float>();
+    std::vector<std::array<int, kV>> vertex(n);
+    std::vector<std::array<float, kV>> bary(n);
+    std::map<Key, int> index;
+    std::vector<Key> lattice_keys;
+    for (int64_t i = 0; i < n; ++i) {
+      float f[kD] = {static_cast<float>(i % w) * static_cast<float>(1.0 / sigma_xy),
+                     static_cast<float>(i / w) * static_cast<float>(1.0 / sigma_xy),
+                     img[i] * static_cast<float>(1.0 / sigma_rgb), img[n + i] * static_cast<float>(1.0 / sigma_rgb),
+                     img[2 * n + i] * static_cast<float>(1.0 / sigma_rgb)};
+      std::array<Key, kV> keys;
+      elevate_serial(f, keys, bary[i]);
+      for (int r = 0; r < kV; ++r) {
+        auto it = index.find(keys[r]);
+        if (it == index.end()) {
+          it = index.emplace(keys[r], static_cast<int>(lattice_keys.size())).first;
+          lattice_keys.push_back(keys[r]);
+        }
+        vertex[i][r] = it->second;
+      }
+    }
+    const int64_t m = lattice_keys.size();
+    for (int64_t c = 0; c < k; ++c) {  // one channel at a time
+      const double* v = values[bi][c].data_ptr<double>();
+      std::vector<double> lat(m, 0.0), tmp(m, 0.0);
+      for (int64_t i = 0; i < n; ++i)
+        for (int r = 0; r < kV; ++r) lat[vertex[i][r]] += bary[i][r] * v[i];
+      for (int step = 0; step <= kD; ++step) {
+        const int j = reverse ? kD - step : step;
+        for (int64_t l = 0; l < m; ++l) {
+          Key n1 = lattice_keys[l], n2 = lattice_keys[l];
+          for (int t = 0; t < kD; ++t) { n1[t] -= 1; n2[t] += 1; }
+          if (j < kD) { n1[j] = lattice_keys[l][j] + kD; n2[j] = lattice_keys[l][j] - kD; }
+          auto a = index.find(n1), bb = index.find(n2);
+          double left = a == index.end() ? 0.0 : lat[a->second];
+          double right = bb == index.end() ? 0.0 : lat[bb->second];
+          tmp[l] = lat[l] + 0.5 * (left + right);
+        }
+        std::swap(lat, tmp);
+      }
+      double* o = out[bi][c].data_ptr<double>();
+      for (int64_t i = 0; i < n; ++i) {
+        double acc = 0.0;
+        for (int r = 0; r < kV; ++r) acc += bary[i][r] * lat[vertex[i][r]];
+        o[i] = alpha * acc;
+      }
+    }
+  }
+  return out;
+}
+
+int64_t lattice_size(const torch::Tensor& image_in, double sigma_xy, double sigma_rgb) {
+  // number of lattice points of the first image (for docs / memory accounting)
+  auto image = image_in.contiguous().to(torch::kFloat32);
+  const int64_t h = image.size(2), w = image.size(3), n = h * w;
+  const float* img = image[0].data_ptr<float>();
+  std::map<Key, int> index;
+  for (int64_t i = 0; i < n; ++i) {
+    float f[kD] = {static_cast<float>(i % w) * static_cast<float>(1.0 / sigma_xy),
+                   static_cast<float>(i / w) * static_cast<float>(1.0 / sigma_xy),
+                   img[i] * static_cast<float>(1.0 / sigma_rgb), img[n + i] * static_cast<float>(1.0 / sigma_rgb),
+                   img[2 * n + i] * static_cast<float>(1.0 / sigma_rgb)};
+    std::array<Key, kV> keys;
+    std::array<float, kV> bary;
+    elevate_serial(f, keys, bary);
+    for (auto& key : keys) index.emplace(key, 0);
+  }
+  return index.size();
+}
+
+}  // namespace locbe
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lattice_filter", &locbe::lattice_filter, "permutohedral bilateral filter of all channels (CPU/CUDA)");
+  m.def("lattice_filter_serial", &locbe::lattice_filter_serial, "plain serial reference, one channel at a time");
+  m.def("lattice_size", &locbe::lattice_size, "number of lattice points of the first image");
+#ifdef WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,33 @@
+// CUDA backend: the same kernels (lattice_kernels.h) and driver (lattice_filter.h) as the CPU build,
+// launched as CUDA grids on the current stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "lattice_filter.h"
+
+namespace locbe {
+
+template <class F>
+__global__ void grid_kernel(int64_t n, F f) {
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) f(i);
+}
+
+struct CudaLaunch {
+  template <class F>
+  static void run(int64_t n, const F& f) {
+    if (n == 0) return;
+    constexpr int threads = 256;
+    const int64_t blocks = (n + threads - 1) / threads;
+    grid_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(n, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+torch::Tensor lattice_filter_cuda(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
+                                  double sigma_rgb, bool deterministic, bool reverse) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  return lattice_filter_impl<CudaLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse);
+}
+
+}  // namespace locbe
