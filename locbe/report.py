@@ -1,0 +1,112 @@
+"""Result tables (Markdown + CSV) against the reported numbers, per-class IoU, and PNG panels."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROW_COLUMNS = ["method", "backbone", "dataset", "split", "metric", "reported", "reproduced", "delta", "status",
+               "commit", "config_hash", "seed", "device", "torch", "timm"]
+
+
+def reported_numbers() -> pd.DataFrame:
+    text = resources.files("locbe.eval").joinpath("reported.csv").read_text()
+    return pd.read_csv(io.StringIO(text))
+
+
+def lookup_reported(method: str, dataset: str, metric: str, protocol: str | None = None) -> float | None:
+    df = reported_numbers()
+    sel = df[(df.method == method) & (df.dataset == dataset) & (df.metric == metric) & (df.backbone == "ViT-B/16")]
+    if protocol is not None and (sel.protocol == protocol).any():
+        sel = sel[sel.protocol == protocol]
+    return float(sel.value.iloc[0]) if len(sel) else None
+
+
+def make_row(method, backbone, dataset, split, metric, reproduced, env: dict, reported=None, status="ok") -> dict:
+    rep = None if reported is None else round(float(reported), 2)
+    val = None if reproduced is None else round(100 * float(reproduced), 2)
+    delta = None if rep is None or val is None else round(val - rep, 2)
+    return {"method": method, "backbone": backbone, "dataset": dataset, "split": split, "metric": metric,
+            "reported": rep, "reproduced": val, "delta": delta, "status": status,
+            **{k: env.get(k) for k in ("commit", "config_hash", "seed", "device", "torch", "timm")}}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _markdown(df: pd.DataFrame, **kwargs) -> str:
+    """tabulate's ``missingval`` only replaces None, not NaN: hand it None so missing cells show as "-"."""
+    return df.astype(object).where(df.notna(), None).to_markdown(index=False, missingval="-", **kwargs)
+
+
+def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None, title: str,
+                 notes: list[str]) -> None:
+    df = pd.DataFrame(rows, columns=ROW_COLUMNS)
+    buf = io.StringIO()
+    df.to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
+    _atomic_write(out_dir / "results.csv", buf.getvalue())
+    shown = df[["method", "backbone", "dataset", "split", "metric", "reported", "reproduced", "delta", "status"]]
+    md = [f"# {title}", "", _markdown(shown), ""]
+    if notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    env_cols = df[["commit", "config_hash", "seed", "device", "torch", "timm"]].drop_duplicates()
+    md += ["## Environment", "", _markdown(env_cols), ""]
+    if per_class is not None:
+        buf = io.StringIO()
+        per_class.to_csv(buf, index=False)
+        _atomic_write(out_dir / "per_class.csv", buf.getvalue())
+        md += ["## Per-class IoU (%)", "", _markdown(per_class, floatfmt=".1f"), ""]
+    _atomic_write(out_dir / "results.md", "\n".join(md))
+
+
+# ----------------------------------------------------------------------------- panels
+def _colorize(label: np.ndarray, palette: list[int]) -> np.ndarray:
+    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    return pal[label.astype(np.int64).clip(0, 255)]
+
+
+def _heat(x: np.ndarray) -> np.ndarray:
+    """[0,1] -> a simple blue-red heat map (no matplotlib dependency)."""
+    x = np.clip(x, 0, 1)[..., None]
+    return (255 * np.concatenate([x, 1 - np.abs(2 * x - 1), 1 - x], axis=-1)).astype(np.uint8)
+
+
+def write_panel(path: Path, columns: list[tuple[str, np.ndarray]], height: int = 160) -> None:
+    """One row of labelled tiles: image | CAM | regions | pseudo label | prediction | ground truth."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for title, arr in columns:
+        im = Image.fromarray(arr)
+        w = int(im.width * height / im.height)
+        im = im.resize((w, height), Image.NEAREST)
+        canvas = Image.new("RGB", (w, height + 16), (255, 255, 255))
+        canvas.paste(im, (0, 16))
+        ImageDraw.Draw(canvas).text((2, 2), title, fill=(0, 0, 0))
+        tiles.append(canvas)
+    total = Image.new("RGB", (sum(t.width for t in tiles) + 4 * len(tiles), height + 16), (255, 255, 255))
+    x = 0
+    for t in tiles:
+        total.paste(t, (x, 0))
+        x += t.width + 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    total.save(tmp)
+    os.replace(tmp, path)
+
+
+def panel_columns(image_u8, cam, regions, pseudo, pred, gt, palette) -> list[tuple[str, np.ndarray]]:
+    region_colors = np.array([[40, 40, 40], [230, 200, 40], [220, 40, 40]], dtype=np.uint8)
+    return [("image", image_u8), ("CAM", _heat(cam)), ("regions 0/1/2", region_colors[regions]),
+            ("pseudo label", _colorize(pseudo, palette)), ("prediction", _colorize(pred, palette)),
+            ("ground truth", _colorize(gt, palette))]
