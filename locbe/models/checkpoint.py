@@ -35,11 +35,14 @@ def _read_state_dict(path: str | Path, map_location="cpu") -> dict[str, torch.Te
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path), device=str(map_location))
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+            return load_file(str(path), device=str(map_location))
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt / foreign file: torch and safetensors raise assorted errors without the path
+        raise ValueError(f"{path} is not a readable torch or safetensors checkpoint: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # our training checkpoints
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -1,0 +1,554 @@
+"""The LOC-BE network and its weight loading (locbe/models) against method.md "Network" and "Checkpoint layout".
+
+References are written independently of the code under test: explicit loops in float64 for the pooling,
+a matmul for the 1x1-conv CAMs, a hand-assembled encoder pass for the position-embedding resize and the
+aux tap, and the spec's literal key list for the checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+import locbe
+from locbe.models import LOCBENet, build_model, list_backbones, load_checkpoint, load_pretrained_encoder
+from locbe.models.locbe_vit import gmp, hybrid_pool, resize_pos_embed
+
+MICRO = "vit_micro_patch16"
+BASE = "vit_base_patch16_224"
+
+
+def _micro(num_classes: int = 21, seed: int = 0) -> LOCBENet:
+    torch.manual_seed(seed)
+    return build_model(MICRO, num_classes=num_classes).eval()
+
+
+@pytest.fixture(scope="module")
+def micro() -> LOCBENet:
+    return _micro()
+
+
+def _base_shapes_only(num_classes: int) -> LOCBENet:
+    """vit_base on the meta device: real module tree and parameter shapes, no (slow) random init."""
+    with torch.device("meta"):
+        return build_model(BASE, num_classes=num_classes)
+
+
+def _img(h: int, w: int, b: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g)
+
+
+# --------------------------------------------------------------------------- checkpoint layout (spec)
+
+def _spec_layout(num_classes: int) -> dict[str, tuple[int, ...]]:
+    """method.md "Checkpoint layout of the authors' code", written out key by key (ViT-B/16)."""
+    d, f = 768, num_classes - 1
+    keys: dict[str, tuple[int, ...]] = {
+        "encoder.cls_token": (1, 1, d),
+        "encoder.pos_embed": (1, 197, d),
+        "encoder.patch_embed.proj.weight": (d, 3, 16, 16),
+        "encoder.patch_embed.proj.bias": (d,),
+    }
+    for i in range(12):
+        pre = f"encoder.blocks.{i}."
+        keys.update({
+            pre + "norm1.weight": (d,), pre + "norm1.bias": (d,),
+            pre + "attn.qkv.weight": (3 * d, d), pre + "attn.qkv.bias": (3 * d,),
+            pre + "attn.proj.weight": (d, d), pre + "attn.proj.bias": (d,),
+            pre + "norm2.weight": (d,), pre + "norm2.bias": (d,),
+            pre + "mlp.fc1.weight": (4 * d, d), pre + "mlp.fc1.bias": (4 * d,),
+            pre + "mlp.fc2.weight": (d, 4 * d), pre + "mlp.fc2.bias": (d,),
+        })
+    keys.update({
+        "encoder.norm.weight": (d,), "encoder.norm.bias": (d,),
+        "encoder.head.weight": (1000, d), "encoder.head.bias": (1000,),
+        "attn_proj.weight": (1, 24, 1, 1), "attn_proj.bias": (1,),
+        "decoder.conv6.weight": (512, d, 3, 3),
+        "decoder.conv7.weight": (512, 512, 3, 3),
+        "decoder.conv8.weight": (num_classes, 512, 1, 1),
+        "classifier.weight": (f, d, 1, 1),
+        "aux_classifier.weight": (f, d, 1, 1),
+    })
+    return keys
+
+
+def test_vit_base_voc_state_dict_matches_spec_layout():
+    base_voc = _base_shapes_only(21)
+    sd = base_voc.state_dict()
+    spec = _spec_layout(21)
+    assert len(spec) == 159  # the spec's count, a check on the hand-written list itself
+    assert len(sd) == 159
+    assert set(sd) == set(spec), (sorted(set(sd) - set(spec)), sorted(set(spec) - set(sd)))
+    for k, shape in spec.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert base_voc.aux_index == 9  # aux_layer -3 = the 10th of 12 blocks
+    assert base_voc.encoder.norm.eps == pytest.approx(1e-6)
+    assert base_voc.encoder.blocks[0].attn.num_heads == 12
+
+
+def test_vit_base_coco_classifier_shapes():
+    sd = _base_shapes_only(81).state_dict()
+    spec = _spec_layout(81)
+    assert len(sd) == 159
+    for k in ("classifier.weight", "aux_classifier.weight", "decoder.conv8.weight"):
+        assert tuple(sd[k].shape) == spec[k], k
+    assert tuple(sd["classifier.weight"].shape) == (80, 768, 1, 1)
+    assert tuple(sd["decoder.conv8.weight"].shape) == (81, 512, 1, 1)
+
+
+def test_decoder_is_largefov(micro):
+    dec = micro.decoder
+    for conv in (dec.conv6, dec.conv7):
+        assert conv.kernel_size == (3, 3) and conv.dilation == (5, 5) and conv.padding == (5, 5)
+        assert conv.bias is None
+    assert dec.conv8.kernel_size == (1, 1) and dec.conv8.bias is None
+    assert micro.classifier.bias is None and micro.aux_classifier.bias is None
+    # reference: conv6 -> relu -> conv7 -> relu -> conv8 written with F.conv2d on the raw weights
+    x = torch.randn(1, micro.encoder.embed_dim, 5, 7, dtype=torch.float64)
+    w6, w7, w8 = (c.weight.detach().double() for c in (dec.conv6, dec.conv7, dec.conv8))
+    ref = F.conv2d(F.relu(F.conv2d(F.relu(F.conv2d(x, w6, padding=5, dilation=5)), w7, padding=5, dilation=5)), w8)
+    out = dec.double()(x)
+    dec.float()
+    torch.testing.assert_close(out, ref)
+
+
+# --------------------------------------------------------------------------- load_checkpoint round trips
+
+def _save_authors(model: torch.nn.Module, path, drop=(), extra=None):
+    sd = {"module." + k: v.clone() for k, v in model.state_dict().items() if k not in drop}
+    sd.update(extra or {})
+    torch.save(sd, path)
+    return path
+
+
+def test_load_checkpoint_roundtrip_module_prefix(tmp_path):
+    src = _micro(seed=1)
+    path = _save_authors(src, tmp_path / "authors.pth")
+    raw = torch.load(path, weights_only=True)
+    assert all(k.startswith("module.") for k in raw)
+
+    dst = _micro(seed=2)
+    x = _img(64, 48)
+    with torch.no_grad():
+        before = dst(x).seg_logits
+        report = locbe.load_checkpoint(dst, path)
+        a, b = src(x), dst(x)
+    assert report.ok and report.missing == [] and report.unexpected == [] and report.skipped_optional == []
+    assert report.stripped_prefix
+    assert not torch.equal(before, a.seg_logits)  # the fresh model really differed before loading
+    for name in ("cls_logits", "aux_cls_logits", "seg_logits", "cls_token", "patch_tokens", "aux_tokens"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+
+
+def test_load_checkpoint_training_checkpoint_and_plain_dict(tmp_path):
+    src = _micro(seed=3)
+    torch.save({"model": src.state_dict(), "step": 7}, tmp_path / "ours.pth")
+    dst = _micro(seed=4)
+    report = load_checkpoint(dst, tmp_path / "ours.pth")
+    assert report.ok and not report.stripped_prefix
+    assert torch.equal(dst.classifier.weight, src.classifier.weight)
+
+
+def test_load_toco_checkpoint_without_attn_proj(tmp_path):
+    src = _micro(seed=5)
+    path = _save_authors(src, tmp_path / "toco.pth", drop=("attn_proj.weight", "attn_proj.bias"))
+    dst = _micro(seed=6)
+    init_attn = dst.attn_proj.weight.detach().clone()
+    report = load_checkpoint(dst, path)  # strict by default
+    assert report.ok
+    assert report.skipped_optional == ["attn_proj.bias", "attn_proj.weight"]
+    assert torch.equal(dst.attn_proj.weight, init_attn)  # left at its init
+    assert torch.equal(dst.decoder.conv7.weight, src.decoder.conv7.weight)
+
+
+@pytest.mark.parametrize(("ckpt_classes", "model_classes"), [(21, 81), (81, 21)])
+def test_load_checkpoint_wrong_class_count(tmp_path, ckpt_classes, model_classes):
+    path = _save_authors(_micro(num_classes=ckpt_classes), tmp_path / "ckpt.pth")
+    dst = _micro(num_classes=model_classes)
+    before = dst.encoder.pos_embed.detach().clone()
+    with pytest.raises(ValueError, match=rf"{ckpt_classes} classes.*--num-classes {ckpt_classes}") as exc:
+        load_checkpoint(dst, path)
+    assert "ckpt.pth" in str(exc.value)
+    assert torch.equal(dst.encoder.pos_embed, before)  # nothing half-loaded
+
+
+def test_load_checkpoint_unexpected_and_missing_keys_named(tmp_path):
+    src = _micro(seed=7)
+    extra = _save_authors(src, tmp_path / "extra.pth", extra={"module.projector.weight": torch.zeros(3)})
+    with pytest.raises(KeyError, match=r"projector\.weight"):
+        load_checkpoint(_micro(), extra)
+    missing = _save_authors(src, tmp_path / "missing.pth", drop=("encoder.norm.bias",))
+    with pytest.raises(KeyError, match=r"encoder\.norm\.bias"):
+        load_checkpoint(_micro(), missing)
+
+    # non-strict: reported by name, everything else loaded
+    dst = _micro(seed=8)
+    rep = load_checkpoint(dst, extra, strict=False)
+    assert rep.unexpected == ["projector.weight"] and rep.missing == [] and not rep.ok
+    assert torch.equal(dst.classifier.weight, src.classifier.weight)
+    dst = _micro(seed=8)
+    norm_bias = dst.encoder.norm.bias.detach().clone()
+    rep = load_checkpoint(dst, missing, strict=False)
+    assert rep.missing == ["encoder.norm.bias"] and rep.unexpected == []
+    assert torch.equal(dst.encoder.norm.bias, norm_bias)
+    assert torch.equal(dst.encoder.norm.weight, src.encoder.norm.weight)
+
+
+def test_load_checkpoint_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_checkpoint(_micro(), tmp_path / "nope.pth")
+    torch.save({"model": "not a state dict", "lr": 0.1}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="odd.pth"):
+        load_checkpoint(_micro(), tmp_path / "odd.pth")
+
+
+# --------------------------------------------------------------------------- encoder: dynamic size, pos embed
+
+def _reference_encode(model: LOCBENet, x: torch.Tensor):
+    """Encoder pass assembled by hand: floor crop, patch embedding as a stride-16 conv, the position
+    embedding resized with plain F.interpolate (class token kept), blocks, aux tap, final norm."""
+    enc, p = model.encoder, model.patch_size
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    x = x[..., : h * p, : w * p].contiguous()
+    patches = F.conv2d(x, enc.patch_embed.proj.weight, enc.patch_embed.proj.bias, stride=p)  # (B, D, h, w)
+    patches = patches.flatten(2).transpose(1, 2)
+    pe = enc.pos_embed
+    n = 14
+    grid = pe[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    pe = torch.cat([pe[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+    t = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), patches], dim=1) + pe
+    aux = None
+    for i, blk in enumerate(enc.blocks):
+        t = blk(t)
+        if i == len(enc.blocks) - 3:
+            aux = t[:, 1:]
+    t = enc.norm(t)
+    to_map = lambda z: z.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+    return t[:, 0], to_map(t[:, 1:]), to_map(aux)
+
+
+def test_encode_native_grid_equals_timm_forward_features(micro):
+    x = _img(224, 224, b=1)
+    with torch.no_grad():
+        cls, patches, _ = micro.encode(x)
+        ref = micro.encoder.forward_features(x)  # timm's own path: no resize at 14x14
+    torch.testing.assert_close(cls, ref[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(patches, ref[:, 1:].transpose(1, 2).reshape(1, -1, 14, 14), rtol=1e-5, atol=1e-5)
+
+
+@hsettings(max_examples=10)
+@given(gh=st.integers(1, 8), gw=st.integers(1, 8), b=st.integers(1, 2))
+def test_output_and_cam_shapes_any_grid(micro, gh, gw, b):
+    x = _img(16 * gh, 16 * gw, b=b)
+    with torch.no_grad():
+        out = micro(x)
+        hyb = micro(x, pooling="hybrid")
+        cam, aux = micro.cams(x)
+    d, f, c = micro.encoder.embed_dim, micro.num_classes - 1, micro.num_classes
+    assert out.cls_logits.shape == hyb.cls_logits.shape == (b, f)
+    assert out.aux_cls_logits.shape == (b, f)
+    assert out.seg_logits.shape == (b, c, gh, gw)
+    assert out.cls_token.shape == (b, d)
+    assert out.patch_tokens.shape == out.aux_tokens.shape == (b, d, gh, gw)
+    assert cam.shape == aux.shape == (b, f, gh, gw)
+    assert all(torch.isfinite(t).all() for t in (out.cls_logits, out.seg_logits, cam, aux))
+
+
+@hsettings(max_examples=8)
+@given(gh=st.integers(1, 8), gw=st.integers(1, 8), dh=st.integers(0, 15), dw=st.integers(0, 15))
+def test_encode_matches_hand_assembled_reference(micro, gh, gw, dh, dw):
+    """Any H, W (multiple of 16 or not): grid floor(H/16) x floor(W/16), bicubic pos-embed resize, aux = block -3."""
+    x = _img(16 * gh + dh, 16 * gw + dw, b=2, seed=gh * 100 + gw)
+    with torch.no_grad():
+        got = micro.encode(x)
+        ref = _reference_encode(micro, x)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_input_not_multiple_of_patch_is_floor_cropped(micro):
+    x = _img(16 * 3 + 7, 16 * 5 + 15)
+    with torch.no_grad():
+        a = micro(x)
+        b = micro(x[..., :48, :80].contiguous())
+    assert a.seg_logits.shape[-2:] == (3, 5)
+    torch.testing.assert_close(a.seg_logits, b.seg_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.cls_logits, b.cls_logits, rtol=1e-5, atol=1e-5)
+    # the dropped border really is ignored: changing it does not change anything
+    y = x.clone()
+    y[..., 48:, :] = 100.0
+    y[..., :, 80:] = -100.0
+    with torch.no_grad():
+        torch.testing.assert_close(micro(y).patch_tokens, a.patch_tokens, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 15, 64), (1, 3, 64, 8), (3, 32, 32), (1, 1, 32, 32)])
+def test_encode_rejects_bad_inputs(micro, shape):
+    with pytest.raises(ValueError):
+        micro(torch.zeros(shape))
+
+
+@hsettings(max_examples=25)
+@given(gh=st.integers(1, 20), gw=st.integers(1, 20), src=st.sampled_from([14, 7]))
+def test_resize_pos_embed_equals_plain_interpolate(gh, gw, src):
+    torch.manual_seed(gh * 31 + gw)
+    d = 5
+    pe = torch.randn(1, 1 + src * src, d, dtype=torch.float64)
+    out = resize_pos_embed(pe, (gh, gw))
+    assert out.shape == (1, 1 + gh * gw, d)
+    assert torch.equal(out[:, 0], pe[:, 0])  # class-token position kept
+    # plain reference: token (r, c) of the grid is row-major index 1 + r*src + c
+    img = torch.empty(1, d, src, src, dtype=torch.float64)
+    for r, c in itertools.product(range(src), range(src)):
+        img[0, :, r, c] = pe[0, 1 + r * src + c]
+    ref = F.interpolate(img, size=(gh, gw), mode="bicubic", align_corners=False)
+    for r, c in itertools.product(range(gh), range(gw)):
+        torch.testing.assert_close(out[0, 1 + r * gw + c], ref[0, :, r, c])
+
+
+def test_resize_pos_embed_identity_at_native_grid_and_not_antialiased():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 197, 8)
+    assert torch.equal(resize_pos_embed(pe, (14, 14)), pe)
+    # downsampling: bicubic without antialias (the authors'), which differs from timm's antialiased resample
+    from timm.layers import resample_abs_pos_embed
+
+    ours = resize_pos_embed(pe, (5, 5))
+    timm_aa = resample_abs_pos_embed(pe, (5, 5), num_prefix_tokens=1)
+    assert not torch.allclose(ours, timm_aa, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- pooling and CAMs
+
+def _gmp_loop(x: np.ndarray) -> np.ndarray:
+    b, d, h, w = x.shape
+    out = np.full((b, d), -np.inf)
+    for i, j, r, c in itertools.product(range(b), range(d), range(h), range(w)):
+        out[i, j] = max(out[i, j], x[i, j, r, c])
+    return out
+
+
+def _hybrid_loop(x: np.ndarray, bins=(1, 2, 8)) -> np.ndarray:
+    """(2*GMP + sum_i mean(avg_pool(kernel=(h//i, w//i), stride=kernel))) / 5, one window at a time.
+    A kernel side of 0 (grid smaller than the bin) is taken as 1, the code's documented guard."""
+    b, d, h, w = x.shape
+    out = 2 * _gmp_loop(x)
+    for i in bins:
+        kh, kw = max(h // i, 1), max(w // i, 1)
+        for n, ch in itertools.product(range(b), range(d)):
+            windows = []
+            for r0 in range(0, h - kh + 1, kh):  # no padding, floor mode: a partial last window is dropped
+                for c0 in range(0, w - kw + 1, kw):
+                    s = 0.0
+                    for r, c in itertools.product(range(r0, r0 + kh), range(c0, c0 + kw)):
+                        s += x[n, ch, r, c]
+                    windows.append(s / (kh * kw))
+            out[n, ch] += sum(windows) / len(windows)
+    return out / 5
+
+
+@hsettings(max_examples=30)
+@given(h=st.integers(1, 19), w=st.integers(1, 19), seed=st.integers(0, 2**16))
+def test_gmp_and_hybrid_pool_against_loops(h, w, seed):
+    x = np.random.default_rng(seed).standard_normal((2, 3, h, w))
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(gmp(t).numpy()[..., 0, 0], _gmp_loop(x), rtol=0, atol=0)
+    np.testing.assert_allclose(hybrid_pool(t).numpy()[..., 0, 0], _hybrid_loop(x), rtol=1e-12, atol=1e-12)
+
+
+def test_hybrid_pool_drops_partial_window():
+    # h = 11, bin 2 -> kernel 5, windows over rows 0..9: row 10 never enters the bin-2 term
+    x = torch.zeros(1, 1, 11, 8, dtype=torch.float64)
+    x[0, 0, 10, :] = 1.0  # only in the last row
+    # GMP = 1; bin 1 (kernel 11x8): mean 8/88; bin 2 (5x4 windows, rows 0..9): 0; bin 8 (1x1): mean 8/88
+    expected = (2 * 1 + 8 / 88 + 0 + 8 / 88) / 5
+    assert hybrid_pool(x).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_heads_pooling_in_the_model(micro):
+    x = _img(80, 112, b=2, seed=3)
+    with torch.no_grad():
+        out = micro(x)
+        hyb = micro(x, pooling="hybrid")
+    tokens = out.patch_tokens.double().numpy()
+    aux = out.aux_tokens.double().numpy()
+    w = micro.classifier.weight.detach().double().numpy()[:, :, 0, 0]  # (F, D)
+    wa = micro.aux_classifier.weight.detach().double().numpy()[:, :, 0, 0]
+    np.testing.assert_allclose(out.cls_logits.numpy(), _gmp_loop(tokens) @ w.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(hyb.cls_logits.numpy(), _hybrid_loop(tokens) @ w.T, rtol=1e-4, atol=1e-4)
+    # aux head is GMP in both forwards
+    np.testing.assert_allclose(out.aux_cls_logits.numpy(), _gmp_loop(aux) @ wa.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(hyb.aux_cls_logits.numpy(), _gmp_loop(aux) @ wa.T, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(out.cls_logits.numpy(), hyb.cls_logits.numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="pooling"):
+        micro(x, pooling="avg")
+
+
+def test_forward_pooling_pair_with_split(micro):
+    x = _img(48, 64, b=3, seed=4)
+    with torch.no_grad():
+        first, second = micro(x, pooling=("gmp", "hybrid"), split=1)
+        ref_g = micro(x[:1])
+        ref_h = micro(x[1:], pooling="hybrid")
+    torch.testing.assert_close(first.cls_logits, ref_g.cls_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.cls_logits, ref_h.cls_logits, rtol=1e-5, atol=1e-5)
+    assert first.seg_logits.shape[0] == 1 and second.seg_logits.shape[0] == 2
+    with pytest.raises(ValueError, match="split"):
+        micro(x, pooling=("gmp", "hybrid"))
+
+
+@hsettings(max_examples=6)
+@given(gh=st.integers(1, 7), gw=st.integers(1, 7))
+def test_cams_equal_relu_matmul_of_patch_tokens(micro, gh, gw):
+    x = _img(16 * gh, 16 * gw, b=2, seed=gh + 10 * gw)
+    with torch.no_grad():
+        out = micro(x)
+        cam, aux = micro.cams(x)
+        cam_raw, aux_raw = micro.cams(x, relu=False)
+
+    def ref(tokens, weight):  # conv 1x1 = per-position matmul, then ReLU
+        t = tokens.double().flatten(2)  # (B, D, hw)
+        wm = weight.detach().double()[:, :, 0, 0]  # (F, D)
+        raw = torch.einsum("fd,bdn->bfn", wm, t).reshape(t.shape[0], -1, gh, gw)
+        return raw, raw.clamp_min(0)
+
+    raw_ref, cam_ref = ref(out.patch_tokens, micro.classifier.weight)
+    aux_raw_ref, aux_ref = ref(out.aux_tokens, micro.aux_classifier.weight)
+    torch.testing.assert_close(cam.double(), cam_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(aux.double(), aux_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cam_raw.double(), raw_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(aux_raw.double(), aux_raw_ref, rtol=1e-4, atol=1e-4)
+    assert (cam >= 0).all() and (aux >= 0).all()
+    assert (cam_raw < 0).any()  # random weights: the relu really had something to clip
+
+
+# --------------------------------------------------------------------------- optimisation
+
+def test_param_groups_lr_multipliers(micro):
+    groups = {g["name"]: g for g in micro.param_groups()}
+    assert set(groups) == {"encoder", "encoder_norm", "classifiers", "decoder"}
+    assert groups["encoder"]["lr_mult"] == 1.0 and groups["encoder_norm"]["lr_mult"] == 1.0
+    assert groups["classifiers"]["lr_mult"] == 10.0 and groups["decoder"]["lr_mult"] == 10.0
+
+    names = {id(p): n for n, p in micro.named_parameters()}
+    members = {g: [names[id(p)] for p in groups[g]["params"]] for g in groups}
+    flat = [n for ns in members.values() for n in ns]
+    assert len(flat) == len(set(flat))  # no parameter in two groups
+    expected = {n for n in names.values() if not n.startswith("attn_proj.")}  # attn_proj never enters a loss
+    assert set(flat) == expected
+    assert set(members["classifiers"]) == {"classifier.weight", "aux_classifier.weight"}
+    assert set(members["decoder"]) == {f"decoder.conv{i}.weight" for i in (6, 7, 8)}
+    assert all(n.startswith("encoder.") for n in members["encoder"] + members["encoder_norm"])
+    assert "encoder.norm.weight" in members["encoder_norm"] and "encoder.blocks.0.norm1.bias" in members["encoder_norm"]
+    assert "encoder.blocks.0.attn.qkv.weight" in members["encoder"] and "encoder.pos_embed" in members["encoder"]
+    assert all("norm" not in n for n in members["encoder"])
+    # usable as an optimizer spec: base lr times multiplier
+    opt = torch.optim.AdamW([{"params": g["params"], "lr": 6e-5 * g["lr_mult"]} for g in groups.values()])
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([6e-5, 6e-4])
+
+
+# --------------------------------------------------------------------------- construction errors
+
+def test_unknown_backbone_lists_known():
+    with pytest.raises(ValueError) as exc:
+        build_model("vit_huge_patch14")
+    msg = str(exc.value)
+    assert "vit_huge_patch14" in msg
+    for name in list_backbones():
+        assert name in msg
+    assert MICRO in list_backbones() and BASE in list_backbones()
+
+
+@pytest.mark.parametrize("kwargs", [{"num_classes": 1}, {"aux_layer": 6}, {"aux_layer": -7}])
+def test_bad_constructor_arguments(kwargs):
+    with pytest.raises(ValueError):
+        build_model(MICRO, **kwargs)
+
+
+def test_missing_pretrained_file_named(tmp_path):
+    path = tmp_path / "no_such_vit_b16.pth"
+    with pytest.raises(FileNotFoundError, match="no_such_vit_b16.pth"):
+        build_model(MICRO, pretrained=str(path))
+
+
+def test_pretrained_file_of_wrong_format(tmp_path):
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth"):
+        build_model(MICRO, pretrained=str(tmp_path / "list.pth"))
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)},
+               tmp_path / "resnet.pth")
+    with pytest.raises(KeyError, match=r"resnet\.pth.*conv1\.weight"):
+        build_model(MICRO, pretrained=str(tmp_path / "resnet.pth"))
+    (tmp_path / "garbage.pth").write_bytes(b"this is not a pickle or a zip archive\n" * 4)
+    with pytest.raises(ValueError, match="garbage.pth"):
+        build_model(MICRO, pretrained=str(tmp_path / "garbage.pth"))
+    # a ViT of another size: same key names, other shapes
+    torch.manual_seed(0)
+    other = LOCBENet(MICRO, num_classes=21)
+    sd = {k: (torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if k == "cls_token" else v)
+          for k, v in other.encoder.state_dict().items()}
+    torch.save(sd, tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"wide\.pth.*cls_token"):
+        build_model(MICRO, pretrained=str(tmp_path / "wide.pth"))
+
+
+# --------------------------------------------------------------------------- load_pretrained_encoder
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_load_pretrained_encoder_pth_and_safetensors(tmp_path, fmt):
+    src = _micro(seed=11).encoder
+    # a timm-compatible encoder state dict, with a different (e.g. ImageNet-21k) head that must be dropped
+    sd = {k: v.detach().clone().contiguous() for k, v in src.state_dict().items()}
+    sd["head.weight"], sd["head.bias"] = torch.randn(10, src.embed_dim), torch.randn(10)
+    path = tmp_path / f"vit.{fmt}"
+    if fmt == "pth":
+        torch.save(sd, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+
+    dst = _micro(seed=12)
+    head_before = dst.encoder.head.weight.detach().clone()
+    cls_before = dst.classifier.weight.detach().clone()
+    assert not torch.equal(dst.encoder.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    report = load_pretrained_encoder(dst, path)
+    assert report.ok
+    for k, v in src.state_dict().items():
+        if k.startswith("head."):
+            continue
+        assert torch.equal(dst.encoder.state_dict()[k], v), k
+    assert torch.equal(dst.encoder.head.weight, head_before)
+    assert torch.equal(dst.classifier.weight, cls_before)  # only the encoder is touched
+    # and through build_model(pretrained=...)
+    torch.manual_seed(13)
+    built = build_model(MICRO, pretrained=str(path))
+    assert torch.equal(built.encoder.pos_embed, src.pos_embed)
+
+
+def test_load_pretrained_encoder_prefixed_and_other_grid(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    # a plain timm ViT with the micro config stored at a 7x7 grid (112 px), saved with "module.encoder." keys
+    torch.manual_seed(21)
+    vit = VisionTransformer(img_size=112, patch_size=16, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0,
+                            qkv_bias=True, num_classes=1000)
+    torch.save({"module.encoder." + k: v for k, v in vit.state_dict().items()}, tmp_path / "vit112.pth")
+    dst = _micro(seed=22)
+    load_pretrained_encoder(dst, tmp_path / "vit112.pth")
+    assert dst.encoder.pos_embed.shape == (1, 197, 96)
+    assert torch.equal(dst.encoder.pos_embed[:, 0], vit.pos_embed[:, 0])
+    assert torch.equal(dst.encoder.blocks[5].mlp.fc2.weight, vit.blocks[5].mlp.fc2.weight)
+    assert torch.equal(dst.encoder.head.weight, vit.head.weight)
