@@ -1,0 +1,763 @@
+"""locbe.cam, locbe.par and locbe.losses against plain references written from method.md.
+
+Every reference below is written from the spec's formulas (python loops over pixels / classes / token
+pairs, float64) and never calls the function under test. torch is only used in a reference for
+resampling (``F.interpolate``), which the spec names explicitly ("resize bilinearly, align_corners=False").
+
+Thresholds: the CAMs are float32, so a comparison such as ``v <= 0.7`` is a float32 comparison; the
+references compare against the float32-rounded threshold (``_f32``), which makes the boundary cases
+(values exactly at a threshold) exact instead of depending on double rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from locbe import cam as camlib
+from locbe import losses
+from locbe.data.classes import IMAGENET_MEAN, denormalize
+from locbe.par import PAR
+
+IGNORE = 255
+
+
+# ============================================================================ helpers
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _rand(seed: int, *shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.rand(*shape, generator=_gen(seed), dtype=dtype)
+
+
+def _random_labels(seed: int, b: int, f: int) -> torch.Tensor:
+    """Multi-hot (B, F) float labels; rows may be all zero (an image with no foreground class)."""
+    return (torch.rand(b, f, generator=_gen(seed + 7)) < 0.5).float()
+
+
+def _random_box(seed: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """A non-empty half-open box (y0, y1, x0, x1) inside an h x w image."""
+    r = np.random.default_rng(seed)
+    y0 = int(r.integers(0, h))
+    y1 = int(r.integers(y0 + 1, h + 1))
+    x0 = int(r.integers(0, w))
+    x1 = int(r.integers(x0 + 1, w + 1))
+    return y0, y1, x0, x1
+
+
+def _snap_to_thresholds(cam: torch.Tensor, seed: int, values) -> torch.Tensor:
+    """Put exact threshold values into one channel per pixel for ~1/3 of the pixels (boundary cases,
+    never creating a tie between two channels)."""
+    b, f, h, w = cam.shape
+    r = np.random.default_rng(seed)
+    out = cam.clone()
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                if r.random() < 1 / 3:
+                    out[i, int(r.integers(f)), y, x] = float(r.choice(values))
+    return out
+
+
+def ref_normalize(cam: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Per image and channel: subtract the spatial min, divide by (spatial max + eps)."""
+    out = np.zeros_like(cam, dtype=np.float64)
+    for i in range(cam.shape[0]):
+        for c in range(cam.shape[1]):
+            m = cam[i, c] - cam[i, c].min()
+            out[i, c] = m / (m.max() + eps)
+    return out
+
+
+def ref_masked_max(cam: np.ndarray, y: np.ndarray, i: int, r: int, s: int) -> tuple[float, int]:
+    """max_c y_c * cam_c and its (first) argmax at one pixel."""
+    best, arg = -math.inf, 0
+    for c in range(cam.shape[1]):
+        v = float(y[i, c]) * float(cam[i, c, r, s])
+        if v > best:
+            best, arg = v, c
+    return best, arg
+
+
+def ref_box_inside(box, r: int, s: int) -> bool:
+    y0, y1, x0, x1 = (int(v) for v in box)
+    return y0 <= r < y1 and x0 <= s < x1
+
+
+def ref_cam_to_label(cam: np.ndarray, y: np.ndarray, boxes=None, bkg_thre=0.5, high=0.7, low=0.25,
+                     ignore_mid=False) -> np.ndarray:
+    """method.md "Pseudo labels": 1 + argmax_c(y_c cam_c), 0 where the max <= bkg_thre; with ignore_mid
+    255 where the max <= high, then 0 where it is <= low. Outside the valid box: 255."""
+    b, _, h, w = cam.shape
+    out = np.zeros((b, h, w), dtype=np.int64)
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                v, c = ref_masked_max(cam, y, i, r, s)
+                lab = c + 1
+                if v <= _f32(bkg_thre):
+                    lab = 0
+                if ignore_mid:
+                    if v <= _f32(high):
+                        lab = IGNORE
+                    if v <= _f32(low):
+                        lab = 0
+                if boxes is not None and not boxes[i](r, s):
+                    lab = IGNORE
+                out[i, r, s] = lab
+    return out
+
+
+def _pixel_boxes(img_box: torch.Tensor):
+    return [lambda r, s, bx=tuple(int(v) for v in box): ref_box_inside(bx, r, s) for box in img_box]
+
+
+def ref_log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def ref_multilabel_soft_margin(logits: np.ndarray, y: np.ndarray) -> float:
+    """mean over images of mean over classes of -(y log s(x) + (1 - y) log s(-x))."""
+    b, f = logits.shape
+    total = 0.0
+    for i in range(b):
+        row = 0.0
+        for c in range(f):
+            x = float(logits[i, c])
+            row -= float(y[i, c]) * ref_log_sigmoid(x) + (1 - float(y[i, c])) * ref_log_sigmoid(-x)
+        total += row / f
+    return total / b
+
+
+# ============================================================================ normalize / partition / labels
+shape_bfhw = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 7), st.integers(1, 7))
+
+
+@settings(max_examples=40)
+@given(shape=shape_bfhw, seed=st.integers(0, 2**16), constant=st.booleans())
+def test_normalize_cam_matches_reference(shape, seed, constant):
+    cam = _rand(seed, *shape) * 5 - 1
+    if constant:  # a flat channel must map to 0, not NaN
+        cam[0, 0] = 3.0
+    got = camlib.normalize_cam(cam)
+    want = ref_normalize(cam.double().numpy())
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    if constant:
+        assert (got[0, 0] == 0).all()
+
+
+@settings(max_examples=40)
+@given(shape=shape_bfhw, seed=st.integers(0, 2**16), th=st.sampled_from([(0.25, 0.7), (0.25, 0.65), (0.3, 0.5)]))
+def test_region_partition_matches_reference(shape, seed, th):
+    low, high = th
+    y = _random_labels(seed, shape[0], shape[1])
+    aux = _snap_to_thresholds(_rand(seed, *shape), seed, [low, high, 0.0, 1.0])
+    got = camlib.region_partition(aux, y, low=low, high=high)
+    a, yy = aux.double().numpy(), y.numpy()
+    b, _, h, w = shape
+    want = np.zeros((b, h, w), dtype=np.int64)
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                v, _ = ref_masked_max(a, yy, i, r, s)
+                want[i, r, s] = 0 if v <= _f32(low) else (2 if v >= _f32(high) else 1)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_region_partition_boundaries_and_absent_classes():
+    # v exactly at low -> background, exactly at high -> confident; an absent class never counts
+    aux = torch.tensor([[[[0.25, 0.7, 0.5, 0.9]], [[0.0, 0.0, 0.0, 0.0]], [[0.99, 0.99, 0.99, 0.99]]]])
+    y = torch.tensor([[1.0, 1.0, 0.0]])
+    assert camlib.region_partition(aux, y, low=0.25, high=0.7).tolist() == [[[0, 2, 1, 2]]]
+    assert (camlib.region_partition(aux, torch.zeros(1, 3)) == 0).all()  # no class: all background
+
+
+@settings(max_examples=40)
+@given(shape=shape_bfhw, seed=st.integers(0, 2**16), ignore_mid=st.booleans(), use_box=st.booleans(),
+       th=st.sampled_from([(0.5, 0.7, 0.25), (0.45, 0.65, 0.25), (0.8, 0.7, 0.25)]))
+def test_cam_to_label_matches_reference(shape, seed, ignore_mid, use_box, th):
+    bkg, high, low = th
+    b, f, h, w = shape
+    y = _random_labels(seed, b, f)
+    cam = _snap_to_thresholds(_rand(seed, *shape), seed, [bkg, high, low])
+    img_box = torch.tensor([_random_box(seed + i, h, w) for i in range(b)]) if use_box else None
+    got = camlib.cam_to_label(cam, y, img_box, bkg_thre=bkg, high=high, low=low, ignore_mid=ignore_mid)
+    want = ref_cam_to_label(cam.double().numpy(), y.numpy(), _pixel_boxes(img_box) if use_box else None,
+                            bkg_thre=bkg, high=high, low=low, ignore_mid=ignore_mid)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@settings(max_examples=40)
+@given(b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_box_mask_matches_reference(b, h, w, seed):
+    boxes = torch.tensor([_random_box(seed + i, h, w) for i in range(b)])
+    got = camlib.box_mask(boxes, (h, w))
+    assert got.dtype == torch.bool and got.shape == (b, h, w)
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                assert bool(got[i, r, s]) == ref_box_inside(boxes[i], r, s)
+
+
+# ============================================================================ patch-grid labels (sc)
+def ref_patch_rows(lo: int, hi: int, p: int) -> set[int]:
+    """Patch indices that contain at least one pixel of [lo, hi)."""
+    return {v // p for v in range(lo, hi)}
+
+
+@settings(max_examples=60)
+@given(p=st.sampled_from([2, 4, 16]), gh=st.integers(1, 5), gw=st.integers(1, 5), extra=st.integers(0, 15),
+       seed=st.integers(0, 2**16))
+def test_patch_box_is_every_overlapping_patch(p, gh, gw, extra, seed):
+    h, w = gh * p + extra % p, gw * p + extra % p  # image sizes need not be multiples of p
+    y0, y1, x0, x1 = _random_box(seed, h, w)
+    pb = camlib.patch_box(torch.tensor([[y0, y1, x0, x1]]), p)
+    rows, cols = ref_patch_rows(y0, y1, p), ref_patch_rows(x0, x1, p)
+    assert pb.tolist() == [[min(rows), max(rows) + 1, min(cols), max(cols) + 1]]
+    mask = camlib.box_mask(pb, (h // p, w // p))[0]
+    for r in range(h // p):
+        for s in range(w // p):
+            assert bool(mask[r, s]) == (r in rows and s in cols)
+
+
+@settings(max_examples=30)
+@given(b=st.integers(1, 3), f=st.integers(1, 4), p=st.sampled_from([2, 4]), gh=st.integers(1, 5),
+       gw=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_patch_labels_match_reference(b, f, p, gh, gw, seed):
+    h, w = gh * p, gw * p
+    aux = _rand(seed, b, f, h, w)
+    y = _random_labels(seed, b, f)
+    boxes = torch.tensor([_random_box(seed + i, h, w) for i in range(b)])
+    got = camlib.patch_labels(aux, y, boxes, grid=(gh, gw), patch=p, bkg_thre=0.5, high=0.7, low=0.25)
+    small = F.interpolate(aux, size=(gh, gw), mode="bilinear", align_corners=False)  # spec: bilinear resize
+    inside = [lambda r, s, bx=tuple(int(v) for v in box): (r in ref_patch_rows(bx[0], bx[1], p)
+                                                           and s in ref_patch_rows(bx[2], bx[3], p))
+              for box in boxes]
+    want = ref_cam_to_label(small.double().numpy(), y.numpy(), inside, 0.5, 0.7, 0.25, ignore_mid=True)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_patch_labels_fix_the_authors_box_defect():
+    # box starting at pixel 16 on a 64 px crop (grid 4x4, p=16): the authors' pixel box on the patch grid
+    # (rows 16:64 of a 4-row map) leaves every label 255; the mapped box keeps the 3x3 valid patches.
+    aux = torch.full((1, 2, 64, 64), 0.95)
+    aux[:, 1] = 0.1
+    y = torch.tensor([[1.0, 1.0]])
+    lab = camlib.patch_labels(aux, y, torch.tensor([[16, 64, 16, 64]]), grid=(4, 4), patch=16, bkg_thre=0.5,
+                              high=0.7, low=0.25)
+    want = torch.full((4, 4), IGNORE)
+    want[1:, 1:] = 1
+    assert torch.equal(lab[0], want)
+
+
+# ============================================================================ BE erasing, LOC crops
+@settings(max_examples=30)
+@given(b=st.integers(1, 3), h=st.integers(1, 8), w=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_erase_for_be_keeps_only_the_uncertain_band(b, h, w, seed):
+    images = torch.randn(b, 3, h, w, generator=_gen(seed))
+    regions = torch.randint(0, 3, (b, h, w), generator=_gen(seed + 1))
+    got = camlib.erase_for_be(images, regions)
+    assert got.shape == images.shape
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                for ch in range(3):
+                    want = float(images[i, ch, r, s]) if int(regions[i, r, s]) == 1 else 0.0
+                    assert float(got[i, ch, r, s]) == want
+    # erased pixels are the ImageNet mean colour once de-normalised (method.md: "the mean colour")
+    erased = (regions != 1).unsqueeze(1).expand_as(images)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).expand_as(images)
+    assert torch.allclose(denormalize(got)[erased], mean[erased], atol=1e-6)
+
+
+def _expected_box(cy: int, cx: int, size: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """Window of side ``size`` around the centre (offset size // 2), clipped at the border."""
+    y0, x0 = cy - size // 2, cx - size // 2
+    return max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
+
+
+@settings(max_examples=40)
+@given(b=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12), size=st.integers(1, 14),
+       n=st.integers(1, 6), p2=st.sampled_from([0.0, 0.02, 0.3, 1.0]), seed=st.integers(0, 2**16))
+def test_sample_loc_crops_boxes_come_from_region_two(b, h, w, size, n, p2, seed):
+    g = _gen(seed)
+    regions = torch.randint(0, 2, (b, h, w), generator=g)
+    regions[torch.rand(b, h, w, generator=g) < p2] = 2
+    boxes = camlib.sample_loc_crops(regions, num_crops=n, crop_size=size, generator=_gen(seed + 1))
+    assert len(boxes) == n
+    confident = {(r, s) for i in range(b) for r in range(h) for s in range(w) if int(regions[i, r, s]) == 2}
+    # no confident pixel in the batch: the documented fallback draws uniform centres over the image
+    centres = confident if confident else {(r, s) for r in range(h) for s in range(w)}
+    allowed = {_expected_box(r, s, size, h, w) for r, s in centres}
+    for box in boxes:
+        y0, y1, x0, x1 = box
+        assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
+        assert tuple(box) in allowed, (box, sorted(allowed))
+    # deterministic for a fixed generator
+    again = camlib.sample_loc_crops(regions, num_crops=n, crop_size=size, generator=_gen(seed + 1))
+    assert [tuple(x) for x in again] == [tuple(x) for x in boxes]
+
+
+def test_sample_loc_crops_uniform_over_image_pixel_positions():
+    # one confident pixel in image 0, three in image 1: uniform over (image, pixel) positions gives 1/4 each
+    # (uniform over images first would give the lone pixel 1/2). crop_size 1 makes the box the centre.
+    regions = torch.zeros(2, 5, 5, dtype=torch.long)
+    regions[0, 0, 0] = 2
+    regions[1, 1, 1] = regions[1, 2, 2] = regions[1, 3, 3] = 2
+    boxes = camlib.sample_loc_crops(regions, num_crops=4000, crop_size=1, generator=_gen(0))
+    counts = {}
+    for box in boxes:
+        counts[tuple(box)] = counts.get(tuple(box), 0) + 1
+    assert set(counts) == {(k, k + 1, k, k + 1) for k in range(4)}
+    for c in counts.values():  # binomial sd ~ 0.007; 6 sd
+        assert abs(c / 4000 - 0.25) < 0.04, counts
+
+
+def test_sample_loc_crops_no_confident_region_does_not_crash():
+    regions = torch.ones(2, 20, 30, dtype=torch.long)
+    boxes = camlib.sample_loc_crops(regions, num_crops=4, crop_size=86, generator=_gen(3))
+    assert boxes == [(0, 20, 0, 30)] * 4  # an 86 px window clipped to a 20x30 image is the whole image
+    boxes = camlib.sample_loc_crops(regions, num_crops=50, crop_size=5, generator=_gen(3))
+    assert len({tuple(b) for b in boxes}) > 1  # centres are random, not a fixed fallback position
+
+
+@settings(max_examples=30)
+@given(b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_crop_views_take_the_same_window_from_every_image(b, h, w, seed):
+    images = torch.randn(b, 3, h, w, generator=_gen(seed))
+    boxes = [_random_box(seed + k, h, w) for k in range(3)]
+    views = camlib.crop_views(images, boxes)
+    assert len(views) == len(boxes)
+    for view, (y0, y1, x0, x1) in zip(views, boxes):
+        assert view.shape == (b, 3, y1 - y0, x1 - x0)
+        for i in range(b):
+            for r in range(y1 - y0):
+                for s in range(x1 - x0):
+                    assert torch.equal(view[i, :, r, s], images[i, :, y0 + r, x0 + s])
+
+
+# ============================================================================ multi-scale CAM
+class StubCAMNet(nn.Module):
+    """CAMs are a known function of the input: per patch of side ``patch`` (floor grid), a signed linear
+    map of the mean colour plus a left-to-right ramp, so the CAM is neither flip-equivariant nor >= 0."""
+
+    def __init__(self, num_fg: int, patch: int, seed: int):
+        super().__init__()
+        g = _gen(seed)
+        self.patch = patch
+        self.w = torch.randn(2, num_fg, 3, generator=g)
+        self.ramp = torch.randn(2, num_fg, generator=g) * 2
+        self.bias = torch.randn(2, num_fg, generator=g) * 0.5
+        self.calls: list[torch.Tensor] = []
+
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = F.avg_pool2d(x, self.patch)
+        gw = pooled.shape[-1]
+        col = torch.linspace(0, 1, gw).view(1, 1, 1, gw)
+        return tuple(torch.einsum("fc,bchw->bfhw", self.w[k], pooled) + self.ramp[k].view(1, -1, 1, 1) * col
+                     + self.bias[k].view(1, -1, 1, 1) for k in range(2))
+
+    def cams(self, x: torch.Tensor, relu: bool = True):
+        self.calls.append(x.detach().clone())
+        cam, aux = self.raw(x)
+        return (F.relu(cam), F.relu(aux)) if relu else (cam, aux)
+
+
+def ref_multiscale_cam(stub: StubCAMNet, images: torch.Tensor, scales) -> list[np.ndarray]:
+    """method.md "Multi-scale CAM": per scale resize to (int(sH), int(sW)), CAM of img and hflip(img),
+    upsample both to (H, W), max(cam, unflip(flipped cam)), relu; sum over scales; normalise."""
+    _, _, h, w = images.shape
+    totals = [np.zeros(0), np.zeros(0)]
+    for s in scales:
+        x = F.interpolate(images, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False)
+        plain = stub.raw(x)
+        flipped = stub.raw(x.flip(-1))
+        for k in range(2):
+            a = F.interpolate(plain[k], size=(h, w), mode="bilinear", align_corners=False).double().numpy()
+            bf = F.interpolate(flipped[k], size=(h, w), mode="bilinear", align_corners=False).double().numpy()
+            fused = np.maximum(np.maximum(a, bf[..., ::-1]), 0.0)
+            totals[k] = fused if totals[k].size == 0 else totals[k] + fused
+    return [ref_normalize(t) for t in totals]
+
+
+@settings(max_examples=20)
+@given(b=st.integers(1, 2), f=st.integers(1, 3), h=st.integers(4, 13), w=st.integers(4, 13),
+       scales=st.sampled_from([(1.0,), (1.0, 0.5, 1.5), (0.5, 1.5), (1.25,)]), seed=st.integers(0, 2**16))
+def test_multiscale_cam_matches_reference(b, f, h, w, scales, seed):
+    stub = StubCAMNet(f, patch=2, seed=seed)
+    images = torch.randn(b, 3, h, w, generator=_gen(seed + 1))
+    cam, aux = camlib.multiscale_cam(stub, images, scales=scales)
+    want_cam, want_aux = ref_multiscale_cam(stub, images, scales)
+    assert cam.shape == aux.shape == (b, f, h, w)
+    np.testing.assert_allclose(cam.double().numpy(), want_cam, atol=2e-5)
+    np.testing.assert_allclose(aux.double().numpy(), want_aux, atol=2e-5)
+    # the model saw every requested scale, each as [img, hflip(img)]
+    assert [tuple(c.shape[-2:]) for c in stub.calls] == [(int(s * h), int(s * w)) for s in scales]
+    for c in stub.calls:
+        # the code flips before resizing, the spec resizes then flips: equal maths (bilinear with
+        # align_corners=False is mirror-symmetric), float rounding only
+        assert c.shape[0] == 2 * b
+        torch.testing.assert_close(c[b:], c[:b].flip(-1), rtol=1e-5, atol=1e-5)
+        if c.shape[-2:] == images.shape[-2:]:
+            assert torch.equal(c[:b], images)
+
+
+def test_multiscale_cam_flip_fusion_is_a_max():
+    # a CAM that ramps up over the left half only, whatever the content: the flipped pass, un-flipped, covers
+    # the right half; the fusion max(cam, unflip(cam_flip)) is the symmetric 1 2 3 4 4 3 2 1 -> normalised.
+    class LeftRamp(nn.Module):
+        def cams(self, x, relu=True):
+            w = x.shape[-1]
+            cam = torch.zeros(x.shape[0], 1, x.shape[-2], w)
+            cam[..., : w // 2] = torch.arange(1, w // 2 + 1, dtype=torch.float32)
+            return cam, -cam  # aux <= 0 everywhere: relu -> 0 -> normalised 0 (not NaN)
+
+    cam, aux = camlib.multiscale_cam(LeftRamp(), torch.randn(1, 3, 2, 8, generator=_gen(0)), scales=(1.0,))
+    want = torch.tensor([0.0, 1, 2, 3, 3, 2, 1, 0]) / (3 + 1e-5)
+    torch.testing.assert_close(cam[0, 0], want.expand(2, 8))
+    assert (aux == 0).all()
+
+
+# ============================================================================ PAR
+def ref_offsets(dilations):
+    """(dy, dx, distance) of the 8 neighbours per dilation: distance 1 or sqrt(2) times the dilation."""
+    return [(dy * d, dx * d, d * math.hypot(dy, dx)) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            if (dy, dx) != (0, 0)]
+
+
+def _softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max())
+    return e / e.sum()
+
+
+def ref_par(image: np.ndarray, masks: np.ndarray, dilations, num_iter: int, w_color=0.3, w_pos=0.01) -> np.ndarray:
+    """method.md "PAR", one image, float64, loops over pixels and neighbours (replicate padding = clamped
+    indices). a_k = mean_rgb -(|I - I_k| / (std_k(I_k) + 1e-8) / w)^2, pos_k = -(dist_k / (std_k(dist) + 1e-8)
+    / w)^2, aff = softmax_k(a) + w_pos softmax_k(pos); mask <- sum_k aff_k mask_k, num_iter times.
+    std is torch.std's (unbiased), as the authors' code."""
+    _, h, w = image.shape
+    offs = ref_offsets(dilations)
+    dist = np.array([o[2] for o in offs])
+    pos_sm = _softmax(-(dist / (dist.std(ddof=1) + 1e-8) / w_color) ** 2)
+
+    def nbr(r, s, k):
+        return min(max(r + offs[k][0], 0), h - 1), min(max(s + offs[k][1], 0), w - 1)
+
+    aff = np.zeros((h, w, len(offs)))
+    for r in range(h):
+        for s in range(w):
+            neigh = np.stack([image[:, nr, ns] for nr, ns in (nbr(r, s, k) for k in range(len(offs)))])  # (K, 3)
+            std = neigh.std(axis=0, ddof=1)
+            a = (-(np.abs(neigh - image[:, r, s]) / (std + 1e-8) / w_color) ** 2).mean(axis=1)
+            aff[r, s] = _softmax(a) + w_pos * pos_sm
+    m = masks.astype(np.float64)
+    for _ in range(num_iter):
+        new = np.zeros_like(m)
+        for r in range(h):
+            for s in range(w):
+                for k in range(len(offs)):
+                    nr, ns = nbr(r, s, k)
+                    new[:, r, s] += aff[r, s, k] * m[:, nr, ns]
+        m = new
+    return m
+
+
+def ref_resize_align_corners(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear, align_corners=True, (C, h_in, w_in) -> (C, h, w)."""
+    _, hi, wi = x.shape
+    out = np.zeros((x.shape[0], h, w))
+    for r in range(h):
+        sy = r * (hi - 1) / (h - 1) if h > 1 else 0.0
+        y0 = min(int(math.floor(sy)), hi - 1)
+        y1, fy = min(y0 + 1, hi - 1), sy - y0
+        for s in range(w):
+            sx = s * (wi - 1) / (w - 1) if w > 1 else 0.0
+            x0 = min(int(math.floor(sx)), wi - 1)
+            x1, fx = min(x0 + 1, wi - 1), sx - x0
+            out[:, r, s] = ((1 - fy) * ((1 - fx) * x[:, y0, x0] + fx * x[:, y0, x1])
+                            + fy * ((1 - fx) * x[:, y1, x0] + fx * x[:, y1, x1]))
+    return out
+
+
+dilation_sets = st.sampled_from([(1,), (1, 2), (2, 3), (1, 2, 4, 8, 12, 24)])
+
+
+@settings(max_examples=25)
+@given(b=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(2, 7), w=st.integers(2, 7), dil=dilation_sets,
+       num_iter=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_par_plain_matches_loop_reference(b, c, h, w, dil, num_iter, seed):
+    images = _rand(seed, b, 3, h, w, dtype=torch.float64)
+    masks = _rand(seed + 1, b, c, h, w, dtype=torch.float64).softmax(dim=1)
+    got = PAR(dilations=dil, num_iter=num_iter, low_memory=False)(images, masks)
+    for i in range(b):
+        want = ref_par(images[i].numpy(), masks[i].numpy(), dil, num_iter)
+        # float64 run; the module's positional softmax is float32 (1e-7 rel, times w_pos=0.01)
+        np.testing.assert_allclose(got[i].numpy(), want, rtol=1e-7, atol=1e-8)
+
+
+def test_par_defaults_match_loop_reference_float32():
+    # the training configuration: 6 dilations, 10 iterations, float32
+    par = PAR()
+    assert par.dilations == (1, 2, 4, 8, 12, 24) and par.num_iter == 10
+    images = _rand(11, 1, 3, 9, 10)
+    masks = _rand(12, 1, 3, 9, 10).softmax(dim=1)
+    got = par(images, masks)[0].double().numpy()
+    want = ref_par(images[0].double().numpy(), masks[0].double().numpy(), (1, 2, 4, 8, 12, 24), 10)
+    # aff rows sum to 1.01, so 10 iterations scale masks by ~1.1; float32 accumulation over 48 x 10 terms
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_par_resizes_masks_with_align_corners_true():
+    images = _rand(21, 1, 3, 7, 9, dtype=torch.float64)
+    masks = _rand(22, 1, 2, 3, 4, dtype=torch.float64)
+    got = PAR(dilations=(1, 2), num_iter=2)(images, masks)[0].numpy()
+    want = ref_par(images[0].numpy(), ref_resize_align_corners(masks[0].numpy(), 7, 9), (1, 2), 2)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8)
+
+
+@settings(max_examples=25)
+@given(b=st.integers(1, 2), c=st.integers(1, 4), h=st.integers(2, 24), w=st.integers(2, 24), dil=dilation_sets,
+       num_iter=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_par_low_memory_equals_plain(b, c, h, w, dil, num_iter, seed):
+    images = _rand(seed, b, 3, h, w)
+    masks = _rand(seed + 1, b, c, h, w).softmax(dim=1)
+    plain = PAR(dilations=dil, num_iter=num_iter, low_memory=False)(images, masks)
+    low = PAR(dilations=dil, num_iter=num_iter, low_memory=True)(images, masks)
+    # Same maths, float32: the layouts differ only in summation order (neighbour-stack sum vs running addcmul)
+    # and in the std (two-pass torch.std vs moments of the centre-shifted differences). Measured against a
+    # float64 run (default PAR, 40 random images up to 40x40), EACH layout is up to ~6e-6 relative off, the
+    # rounding of exp(a) with |a| = O(100) over 10 iterations; so their difference is bounded by ~1.2e-5.
+    torch.testing.assert_close(low, plain, rtol=2e-5, atol=1e-6)
+    # in float64 the rounding vanishes and the two layouts must agree to ~1e-12: the maths is identical
+    plain64 = PAR(dilations=dil, num_iter=num_iter, low_memory=False)(images.double(), masks.double())
+    low64 = PAR(dilations=dil, num_iter=num_iter, low_memory=True)(images.double(), masks.double())
+    torch.testing.assert_close(low64, plain64, rtol=1e-10, atol=1e-12)
+
+
+# ============================================================================ PAR pseudo labels
+class ResizeOnlyPAR(nn.Module):
+    """PAR stand-in without refinement: lets the label logic of refine_cams_with_par be checked exactly."""
+
+    def forward(self, images, masks):
+        return masks
+
+
+def ref_refine_labels(par, images: torch.Tensor, cams: torch.Tensor, y: torch.Tensor, boxes: torch.Tensor,
+                      high: float, low: float) -> np.ndarray:
+    """method.md "Refinement with PAR", per image over present classes (keys 0 = background, 1 + c):
+    [bkg=high, cams] and [bkg=low, cams], downsample by 2 with the image, softmax over classes, PAR,
+    upsample, argmax -> L_h, L_l; result L_h, 255 where L_h == 0, 0 where both are 0, 255 outside the box."""
+    b, _, h, w = images.shape
+    small = (h // 2, w // 2)
+    out = np.full((b, h, w), IGNORE, dtype=np.int64)
+    for i in range(b):
+        keys = [0] + [c + 1 for c in range(y.shape[1]) if y[i, c] > 0]
+        img_small = F.interpolate(images[i:i + 1], size=small, mode="bilinear", align_corners=False)
+        labels = []
+        for bkg in (high, low):
+            stack = torch.cat([torch.full((1, 1, h, w), bkg)] + [cams[i:i + 1, k - 1:k] for k in keys[1:]], dim=1)
+            stack = F.interpolate(stack, size=small, mode="bilinear", align_corners=False).softmax(dim=1)
+            refined = F.interpolate(par(img_small, stack), size=(h, w), mode="bilinear", align_corners=False)
+            idx = refined[0].argmax(dim=0)
+            labels.append(np.asarray(keys)[idx.numpy()])
+        lh, ll = labels
+        for r in range(h):
+            for s in range(w):
+                if not ref_box_inside(boxes[i], r, s):
+                    continue
+                lab = int(lh[r, s])
+                if lh[r, s] == 0:
+                    lab = IGNORE
+                if lh[r, s] == 0 and ll[r, s] == 0:
+                    lab = 0
+                out[i, r, s] = lab
+    return out
+
+
+@settings(max_examples=25)
+@given(b=st.integers(1, 3), f=st.integers(1, 4), h=st.integers(2, 12), w=st.integers(2, 12),
+       seed=st.integers(0, 2**16))
+def test_refine_cams_with_par_label_logic(b, f, h, w, seed):
+    images = _rand(seed, b, 3, h, w)
+    cams = _rand(seed + 1, b, f, h, w)
+    y = _random_labels(seed, b, f)
+    boxes = torch.tensor([_random_box(seed + i, h, w) for i in range(b)])
+    got = camlib.refine_cams_with_par(ResizeOnlyPAR(), images, cams, y, boxes, high=0.7, low=0.25)
+    want = ref_refine_labels(ResizeOnlyPAR(), images, cams, y, boxes, 0.7, 0.25)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_refine_cams_with_par_real_par_labels_in_range_and_box():
+    b, f, h, w = 2, 5, 24, 20
+    images = _rand(31, b, 3, h, w)
+    cams = _rand(32, b, f, h, w)
+    y = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # image 1: no foreground class
+    boxes = torch.tensor([[3, 20, 2, 17], [0, 24, 0, 20]])
+    par = PAR(dilations=(1, 2, 4), num_iter=5)
+    got = camlib.refine_cams_with_par(par, images, cams, y, boxes, high=0.7, low=0.25)
+    assert got.shape == (b, h, w) and got.dtype == torch.long
+    inside = camlib.box_mask(boxes, (h, w))
+    assert (got[~inside] == IGNORE).all()
+    assert set(got[0][inside[0]].unique().tolist()) <= {0, 1, 3, IGNORE}  # only present classes (1 + c)
+    assert (got[1] == 0).all()  # nothing present: both stacks are background everywhere
+    want = ref_refine_labels(par, images, cams, y, boxes, 0.7, 0.25)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+# ============================================================================ losses
+@settings(max_examples=40)
+@given(b=st.integers(1, 4), f=st.integers(1, 6), scale=st.sampled_from([0.1, 3.0, 30.0]), seed=st.integers(0, 2**16))
+def test_cls_and_be_loss_are_multilabel_soft_margin(b, f, scale, seed):
+    logits = (torch.randn(b, f, generator=_gen(seed)) * scale).double()
+    y = _random_labels(seed, b, f).double()
+    want = ref_multilabel_soft_margin(logits.numpy(), y.numpy())
+    assert losses.cls_loss(logits, y).item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert losses.be_loss(logits, y).item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+def ref_seg_loss(logits: np.ndarray, label: np.ndarray) -> float:
+    """0.5 * (mean CE over pixels labelled 0 + mean CE over pixels labelled 1..C-1); 255 ignored; a group
+    with no pixel contributes 0 (locbe's documented fallback; torch's mean over nothing is NaN)."""
+    bg, fg = [], []
+    b, _, h, w = logits.shape
+    for i in range(b):
+        for r in range(h):
+            for s in range(w):
+                lab = int(label[i, r, s])
+                if lab == IGNORE:
+                    continue
+                z = logits[i, :, r, s]
+                ce = float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[lab])
+                (bg if lab == 0 else fg).append(ce)
+    mean = lambda v: sum(v) / len(v) if v else 0.0
+    return 0.5 * (mean(bg) + mean(fg))
+
+
+@settings(max_examples=40)
+@given(b=st.integers(1, 3), c=st.integers(2, 5), h=st.integers(1, 6), w=st.integers(1, 6),
+       p=st.sampled_from([(0.3, 0.3), (0.0, 0.5), (0.5, 0.0), (0.0, 0.0), (0.1, 0.1)]), seed=st.integers(0, 2**16))
+def test_seg_loss_balanced_ce(b, c, h, w, p, seed):
+    p_bg, p_ign = p  # (share of background, share of ignore): includes no-bg, no-fg and all-ignore maps
+    g = _gen(seed)
+    logits = torch.randn(b, c, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(b, h, w, generator=g)
+    label = torch.randint(1, c, (b, h, w), generator=g)
+    label[u < p_bg] = 0
+    label[u > 1 - p_ign] = IGNORE
+    if p == (0.0, 0.0) and seed % 2:
+        label[:] = IGNORE  # all-ignore
+    got = losses.seg_loss(logits, label)
+    assert got.item() == pytest.approx(ref_seg_loss(logits.detach().numpy(), label.numpy()), rel=1e-10, abs=1e-12)
+    got.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_seg_loss_weights_background_and_foreground_halves_equally():
+    # 1 background pixel and 3 foreground pixels: the lone background pixel carries half the loss
+    logits = torch.zeros(1, 3, 1, 4, dtype=torch.float64)
+    logits[0, 1, 0, 0] = 2.0  # background pixel predicted as class 1: CE = log(e^2 + 2) - 0
+    label = torch.tensor([[[0, 1, 2, 255]]])
+    ce_bg = math.log(math.exp(2) + 2)
+    ce_fg = math.log(3)
+    assert losses.seg_loss(logits, label).item() == pytest.approx(0.5 * ce_bg + 0.5 * ce_fg, rel=1e-12)
+    all_ignore = losses.seg_loss(logits.requires_grad_(), torch.full((1, 1, 4), IGNORE))
+    assert all_ignore.item() == 0.0
+    all_ignore.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def ref_patch_contrast(tokens: np.ndarray, label: np.ndarray) -> float:
+    """ToCo sc, double loop over token pairs of each image; sums over the batch."""
+    b, d, h, w = tokens.shape
+    pos = neg = 0.0
+    npos = nneg = 0
+    for i in range(b):
+        t = tokens[i].reshape(d, h * w)
+        lab = label[i].reshape(h * w)
+        for p in range(h * w):
+            for q in range(h * w):
+                if p == q or lab[p] == IGNORE or lab[q] == IGNORE:
+                    continue
+                u = t[:, p] / max(np.linalg.norm(t[:, p]), 1e-8)
+                v = t[:, q] / max(np.linalg.norm(t[:, q]), 1e-8)
+                s = abs(float(u @ v))
+                if lab[p] == lab[q]:
+                    pos, npos = pos + s, npos + 1
+                else:
+                    neg, nneg = neg + s, nneg + 1
+    return 0.5 * (1 - pos / (npos + 1)) + 0.5 * neg / (nneg + 1)
+
+
+@settings(max_examples=40)
+@given(b=st.integers(1, 3), d=st.integers(1, 6), h=st.integers(1, 4), w=st.integers(1, 4),
+       p_ign=st.sampled_from([0.0, 0.3, 1.0]), zero_token=st.booleans(), seed=st.integers(0, 2**16))
+def test_patch_contrast_loss_matches_pair_loop(b, d, h, w, p_ign, zero_token, seed):
+    g = _gen(seed)
+    tokens = torch.randn(b, d, h, w, generator=g, dtype=torch.float64)
+    if zero_token:
+        tokens[0, :, 0, 0] = 0.0  # normalisation eps: a zero token has cos 0 with everything, no NaN
+    label = torch.randint(0, 3, (b, h, w), generator=g)
+    label[torch.rand(b, h, w, generator=g) < p_ign] = IGNORE
+    got = losses.patch_contrast_loss(tokens, label)
+    want = ref_patch_contrast(tokens.numpy(), label.numpy())
+    assert math.isfinite(got.item())
+    assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+def test_patch_contrast_loss_all_ignore_is_finite():
+    tokens = torch.randn(2, 4, 3, 3, requires_grad=True)
+    loss = losses.patch_contrast_loss(tokens, torch.full((2, 3, 3), IGNORE))
+    assert loss.item() == pytest.approx(0.5)  # no pair: 0.5 * (1 - 0 / 1) + 0.5 * 0 / 1
+    loss.backward()
+    assert torch.isfinite(tokens.grad).all()
+
+
+def ref_loc_loss(g: np.ndarray, l: np.ndarray, y: np.ndarray) -> float:
+    """d[j, c] = sqrt(sum_i (g[j, c] - l[i, c] + 1e-6)^2); p = mean(y);
+    loss = p * mean(d^2) + (1 - p) * mean(relu(1 - d)^2)."""
+    bg, dim = g.shape
+    d = np.zeros((bg, dim))
+    for j in range(bg):
+        for c in range(dim):
+            d[j, c] = math.sqrt(sum((g[j, c] - l[i, c] + 1e-6) ** 2 for i in range(l.shape[0])))
+    p = float(y.mean())
+    pull = sum(d[j, c] ** 2 for j in range(bg) for c in range(dim)) / d.size
+    push = sum(max(1 - d[j, c], 0.0) ** 2 for j in range(bg) for c in range(dim)) / d.size
+    return p * pull + (1 - p) * push
+
+
+@settings(max_examples=40)
+@given(b=st.integers(1, 4), dim=st.integers(1, 8), f=st.integers(1, 5), scale=st.sampled_from([0.05, 1.0]),
+       y_kind=st.sampled_from(["random", "zeros", "ones"]), seed=st.integers(0, 2**16))
+def test_loc_loss_matches_reference(b, dim, f, scale, y_kind, seed):
+    g = _gen(seed)
+    glob = torch.randn(b, dim, generator=g, dtype=torch.float64) * scale
+    loc = torch.randn(b, dim, generator=g, dtype=torch.float64) * scale
+    y = {"random": _random_labels(seed, b, f), "zeros": torch.zeros(b, f), "ones": torch.ones(b, f)}[y_kind]
+    got = losses.loc_loss(glob, loc, y)
+    want = ref_loc_loss(glob.numpy(), loc.numpy(), y.numpy())
+    # p = mean(y) is taken in float32 by loc_loss (labels are float32 in training): ~1e-7 relative
+    assert got.item() == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
+def test_loc_loss_identical_tokens_is_finite_with_gradient():
+    # the +1e-6 keeps sqrt away from 0, so identical global and local tokens still give finite gradients
+    g = torch.ones(1, 3, requires_grad=True)
+    loss = losses.loc_loss(g, g.detach().clone(), torch.tensor([[1.0, 0.0]]))
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(g.grad).all()
