@@ -20,22 +20,22 @@ struct CpuLaunch {
 
 #ifdef WITH_CUDA
 torch::Tensor lattice_filter_cuda(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
-                                  double sigma_rgb, bool deterministic, bool reverse);
+                                  double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat);
 #endif
 
 torch::Tensor lattice_filter(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
-                             double sigma_rgb, bool deterministic, bool reverse) {
+                             double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat) {
   TORCH_CHECK(image.dim() == 4 && image.size(1) == 3, "image must be (B, 3, H, W)");
   TORCH_CHECK(values.dim() == 4, "values must be (B, K, H, W)");
   TORCH_CHECK(image.device() == values.device(), "image and values must be on the same device");
   if (values.is_cuda()) {
 #ifdef WITH_CUDA
-    return lattice_filter_cuda(image, values, sigma_xy, sigma_rgb, deterministic, reverse);
+    return lattice_filter_cuda(image, values, sigma_xy, sigma_rgb, deterministic, reverse, atomic_splat);
 #else
     TORCH_CHECK(false, "this build of the locbe lattice extension has no CUDA backend");
 #endif
   }
-  return lattice_filter_impl<CpuLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse);
+  return lattice_filter_impl<CpuLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse, atomic_splat);
 }
 
 // ---------------------------------------------------------------------------- serial reference
@@ -165,7 +165,9 @@ int64_t lattice_size(const torch::Tensor& image_in, double sigma_xy, double sigm
 }  // namespace locbe
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lattice_filter", &locbe::lattice_filter, "permutohedral bilateral filter of all channels (CPU/CUDA)");
+  m.def("lattice_filter", &locbe::lattice_filter, "permutohedral bilateral filter of all channels (CPU/CUDA)",
+        py::arg("image"), py::arg("values"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("deterministic"),
+        py::arg("reverse") = false, py::arg("atomic_splat") = false);
   m.def("lattice_filter_serial", &locbe::lattice_filter_serial, "plain serial reference, one channel at a time");
   m.def("lattice_size", &locbe::lattice_size, "number of lattice points of the first image");
 #ifdef WITH_CUDA

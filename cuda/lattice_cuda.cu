@@ -1,7 +1,9 @@
 // CUDA backend: the same kernels (lattice_kernels.h) and driver (lattice_filter.h) as the CPU build,
 // launched as CUDA grids on the current stream.
-#include <ATen/cuda/CUDAContext.h>
+// c10 headers only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a bare nvcc install lacks
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "lattice_filter.h"
 
@@ -19,15 +21,15 @@ struct CudaLaunch {
     if (n == 0) return;
     constexpr int threads = 256;
     const int64_t blocks = (n + threads - 1) / threads;
-    grid_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(n, f);
+    grid_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
 torch::Tensor lattice_filter_cuda(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
-                                  double sigma_rgb, bool deterministic, bool reverse) {
+                                  double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat) {
   const c10::cuda::CUDAGuard guard(values.device());
-  return lattice_filter_impl<CudaLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse);
+  return lattice_filter_impl<CudaLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse, atomic_splat);
 }
 
 }  // namespace locbe

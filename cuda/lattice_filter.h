@@ -17,9 +17,11 @@ inline int64_t next_pow2(int64_t v) {
 
 // image: (B, 3, H, W) float32 in 0..255; values: (B, K, H, W) float32/float64. Returns W * values, or W^T * values
 // with `reverse` (the per-axis blurs are symmetric but do not commute, so W^T blurs the axes in reverse order).
+// `atomic_splat` forces the scatter splat (the CUDA default) so CPU tests run that kernel body too.
 template <class Launch>
 torch::Tensor lattice_filter_impl(const torch::Tensor& image_in, const torch::Tensor& values_in, double sigma_xy,
-                                  double sigma_rgb, bool deterministic, bool reverse) {
+                                  double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat) {
+  TORCH_CHECK(!(deterministic && atomic_splat), "the atomic splat is not deterministic");
   auto image = image_in.contiguous().to(torch::kFloat32);
   auto values = values_in.contiguous();
   const int64_t b = values.size(0), k = values.size(1), h = values.size(2), w = values.size(3);
@@ -54,7 +56,7 @@ torch::Tensor lattice_filter_impl(const torch::Tensor& image_in, const torch::Te
                                               table.data_ptr<int>(), entry_lattice.data_ptr<int64_t>(),
                                               lattice_rep.data_ptr<int>()});
       auto lattice = torch::zeros({m + 1, k}, opts);  // row m stays zero: the missing neighbour
-      if (deterministic || !values.is_cuda()) {  // CPU: the ordered gather is also the faster splat
+      if (!atomic_splat && (deterministic || !values.is_cuda())) {  // CPU default: the ordered gather is faster
         auto order = std::get<1>(entry_lattice.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
         auto seg_end = torch::bincount(entry_lattice, /*weights=*/{}, m).cumsum(0);
         Launch::run(m * k, SplatGatherKernel<scalar_t>{vin, weights.data_ptr<scalar_t>(), order.data_ptr<int64_t>(),

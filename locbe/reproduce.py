@@ -38,7 +38,7 @@ def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progre
     from locbe.eval.evaluate import EvalOptions, evaluate, load_model_for_eval, write_json_atomic
 
     out = checkpoint.parent.parent / "eval" / f"{key}.json"
-    step = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["step"])
+    step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
     if out.exists():
         cached = json.loads(out.read_text())
         if cached.get("checkpoint_step") == step:

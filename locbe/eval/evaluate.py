@@ -171,7 +171,7 @@ def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     config = None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
         config = obj.get("config") if isinstance(obj, dict) else None
     except Exception:  # noqa: BLE001 - foreign formats are read by load_checkpoint below
         config = None

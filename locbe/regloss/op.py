@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+MAX_FEATURE = 2000  # |elevated coordinate| <= ~14 x the largest feature; 14 * 2000 < 32767 (int16 keys)
+
 
 def check_inputs(image_255: torch.Tensor, values: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> None:
     if not torch.is_tensor(image_255) or not torch.is_tensor(values):
@@ -30,15 +32,22 @@ def check_inputs(image_255: torch.Tensor, values: torch.Tensor, sigma_xy: float,
             raise ValueError(f"{name} must be a finite positive number, got {s!r}")
     if not torch.isfinite(image_255).all() or not torch.isfinite(values).all():
         raise ValueError("image and values must be finite (found NaN or inf)")
+    # lattice keys are int16: the elevated coordinates must stay below 2^15
+    colour = float(image_255.abs().max()) / sigma_rgb if image_255.numel() else 0.0
+    largest = max(max(values.shape[2:]) / sigma_xy, colour)
+    if largest > MAX_FEATURE:
+        raise ValueError(f"sigmas too small for this input: the largest feature value {largest:.0f} exceeds "
+                         f"{MAX_FEATURE} (lattice coordinates would overflow); increase sigma_xy/sigma_rgb")
 
 
-def _filter(image_255, values, sigma_xy, sigma_rgb, transpose: bool = False):
+def _filter(image_255, values, sigma_xy, sigma_rgb, transpose: bool = False, atomic_splat: bool = False):
+    """The raw kernel call. ``transpose`` gives W^T; ``atomic_splat`` forces the scatter splat (CUDA's default)."""
     from locbe.regloss.build import load_extension
 
     ext = load_extension(cuda=values.is_cuda)
     deterministic = torch.are_deterministic_algorithms_enabled()
     return ext.lattice_filter(image_255.detach().float().contiguous(), values.contiguous(), float(sigma_xy),
-                              float(sigma_rgb), deterministic, transpose)
+                              float(sigma_rgb), deterministic, transpose, atomic_splat and not deterministic)
 
 
 class _LatticeFilter(torch.autograd.Function):
