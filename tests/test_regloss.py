@@ -351,9 +351,6 @@ def test_cuda_backend_compiles_and_links_for_sm80_sm90(tmp_path):
 
     lib = build_cuda(str(tmp_path / "build"), archs="8.0;9.0")
     assert lib.stat().st_size > 0
-    objdump = shutil.which("cuobjdump") or os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump")
-    if os.path.exists(objdump):
-        import subprocess
-
-        listing = subprocess.run([objdump, "--list-elf", str(lib)], capture_output=True, text=True).stdout
-        assert "sm_80" in listing and "sm_90" in listing
+    # the fatbinary names each target architecture (cuobjdump is not part of a bare nvcc install)
+    blob = lib.read_bytes()
+    assert b"sm_80" in blob and b"sm_90" in blob
