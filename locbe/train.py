@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     if init_from:
         load_checkpoint(net, init_from, strict=True)
     optimizer = build_optimizer(net, cfg)
-    par = PAR().to(device)
+    par = PAR(low_memory=cfg.fast_step).to(device)  # same maths, no neighbour stacks (tests/test_step.py)
     reg_loss = _build_reg_loss(cfg, device)
 
     step = 0
