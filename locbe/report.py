@@ -59,7 +59,7 @@ def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None
     md = [f"# {title}", "", _markdown(shown), ""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    env_cols = df[["commit", "config_hash", "seed", "device", "torch", "timm"]].drop_duplicates()
+    env_cols = df[["commit", "config_hash", "seed", "device", "torch", "timm"]].dropna(how="all").drop_duplicates()
     md += ["## Environment", "", _markdown(env_cols), ""]
     if per_class is not None:
         buf = io.StringIO()

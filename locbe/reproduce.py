@@ -92,9 +92,9 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     from locbe.report import lookup_reported, make_row, write_tables
 
     root = Path(cfg.data_root)
-    if not (root / "synthetic.json").exists():
+    if not (root / "synthetic.json").exists():  # an existing synthetic set (any size/seed) is used as is
         print(f"[data] generating the synthetic dataset in {root}")
-    make_synthetic(root)  # no-op when the same dataset is already there
+        make_synthetic(root)
     checkpoint = _stage_train(cfg, progress)
     seg = _stage_eval(checkpoint, cfg, cfg.val_split, "val_single", progress)
     seg_ms = _stage_eval(checkpoint, cfg, cfg.val_split, "val_ms_crf", progress, multi_scale=True, crf=True)
@@ -139,7 +139,8 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     notes = ["Synthetic VOC-layout data made by `locbe make-synthetic`; a health check of the pipeline, "
              "not a reproduction of the paper.",
              f"seg mIoU (single scale) / best trivial baseline = {ratio:.2f} (acceptance: >= 2).",
-             f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}."]
+             f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}.",
+             "Panels (image | CAM | region partition | pseudo label | prediction | ground truth): `panels/*.png`."]
     out_dir = reports / cfg.preset
     write_tables(out_dir, rows, per_class, f"locbe reproduce: {cfg.preset}", notes)
     _panels(checkpoint, cfg, out_dir)

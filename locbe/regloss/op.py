@@ -76,12 +76,12 @@ class _GatedRegLoss(torch.autograd.Function):
     """Forward value and the authors' surrogate backward (regloss.md steps 2-5) at the filtered scale."""
 
     @staticmethod
-    def forward(ctx, image_255, probs, crop_mask, pseudo_label, weight, sigma_xy, sigma_rgb):
+    def forward(ctx, image_255, probs, crop_mask, pseudo_label, weight, sigma_xy, sigma_rgb, backend):
         b = probs.shape[0]
         gate = crop_mask - probs.detach().max(dim=1).values
         gate = torch.where(pseudo_label == 255, torch.ones_like(gate), gate).clamp_min(0).unsqueeze(1)
         s_masked = probs.detach() * crop_mask.unsqueeze(1)
-        a = gate * _filter(image_255, s_masked, sigma_xy, sigma_rgb)
+        a = gate * _BACKENDS[backend](image_255, s_masked, sigma_xy, sigma_rgb).to(s_masked.dtype)
         ctx.save_for_backward(a, crop_mask)
         ctx.scale = -2.0 * weight / b
         return weight * (-(s_masked * a).sum() / b)
@@ -90,7 +90,24 @@ class _GatedRegLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         a, crop_mask = ctx.saved_tensors
         grad = ctx.scale * a * grad_out * crop_mask.unsqueeze(1)
-        return None, grad, None, None, None, None, None
+        return None, grad, None, None, None, None, None, None
+
+
+def _serial(image_255, values, sigma_xy, sigma_rgb):
+    from locbe.regloss.reference import serial_lattice_filter
+
+    return serial_lattice_filter(image_255, values, sigma_xy, sigma_rgb).to(values.device)
+
+
+def _dense(image_255, values, sigma_xy, sigma_rgb):
+    from locbe.regloss.reference import dense_filter
+
+    return dense_filter(image_255, values, sigma_xy, sigma_rgb)
+
+
+# "lattice": the compiled op; "serial": the plain one-channel-at-a-time lattice (same operator, slow);
+# "dense": the exact Gaussian (a different operator: ~1/0.55 x larger values, see docs/regloss.md)
+_BACKENDS = {"lattice": _filter, "serial": _serial, "dense": _dense}
 
 
 class RegularizedLoss(torch.nn.Module):
@@ -101,9 +118,12 @@ class RegularizedLoss(torch.nn.Module):
     Everything is downscaled by ``scale_factor`` first (nearest; probs bilinear) and sigma_xy scaled with it."""
 
     def __init__(self, weight: float = 1e-7, sigma_rgb: float = 15.0, sigma_xy: float = 100.0,
-                 scale_factor: float = 0.5):
+                 scale_factor: float = 0.5, backend: str = "lattice"):
         super().__init__()
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown regularized-loss backend {backend!r}; choose one of {sorted(_BACKENDS)}")
         self.weight, self.sigma_rgb, self.sigma_xy, self.scale_factor = weight, sigma_rgb, sigma_xy, scale_factor
+        self.backend = backend
 
     def forward(self, images_255, probs, crop_mask, pseudo_label):
         if pseudo_label.dim() == 3:
@@ -114,4 +134,5 @@ class RegularizedLoss(torch.nn.Module):
         mask = F.interpolate(crop_mask.unsqueeze(1).to(small.dtype), scale_factor=s, mode="nearest").squeeze(1)
         label = F.interpolate(pseudo_label.float(), scale_factor=s, mode="nearest").squeeze(1)
         check_inputs(img, small, self.sigma_xy * s, self.sigma_rgb)
-        return _GatedRegLoss.apply(img, small, mask, label, self.weight, self.sigma_xy * s, self.sigma_rgb)
+        return _GatedRegLoss.apply(img, small, mask, label, self.weight, self.sigma_xy * s, self.sigma_rgb,
+                                   self.backend)

@@ -1,0 +1,14 @@
+"""Benchmark configuration: fixed thread count, versions recorded next to every result."""
+
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import timm
+
+    machine_info["torch"] = torch.__version__
+    machine_info["timm"] = timm.__version__
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

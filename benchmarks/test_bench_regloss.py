@@ -1,0 +1,89 @@
+"""Regularized loss, forward + backward, at the training setting and around it (issue 3).
+
+Sizes are those the filter sees (after the loss's 0.5 downscale): the network input is twice as
+large. Implementations: the compiled lattice (CPU launcher; CUDA when present), the plain serial
+lattice (one channel at a time) and the exact dense filter (small sizes only: O(N^2)).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from locbe.bench import measure_peak
+from locbe.regloss import RegularizedLoss, lattice_filter
+from locbe.regloss.reference import serial_lattice_filter
+
+CASES = [  # (backend, B, K, filtered size)
+    ("lattice", 2, 21, 112), ("lattice", 2, 21, 224), ("lattice", 2, 21, 448), ("lattice", 2, 81, 224),
+    ("serial", 2, 21, 112), ("serial", 2, 21, 224),
+    ("dense", 2, 21, 56), ("dense", 2, 21, 112),
+]
+
+
+def inputs(b, k, size, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    full = 2 * size
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, full), torch.linspace(0, 1, full), indexing="ij")
+    images = torch.stack([yy * 200, xx * 200, (yy * xx) * 255]).expand(b, -1, -1, -1) \
+        + torch.rand(b, 3, full, full, generator=g) * 40
+    logits = torch.randn(b, k, full, full, generator=g)
+    crop = torch.ones(b, full, full)
+    pseudo = torch.randint(0, k, (b, full, full), generator=g)
+    pseudo[:, :, : full // 2] = 255
+    return [t.to(device) for t in (images.clamp(0, 255), logits, crop, pseudo)]
+
+
+def fwd_bwd(loss_fn, images, logits, crop, pseudo):
+    logits = logits.detach().requires_grad_(True)
+    loss = loss_fn(images, torch.softmax(logits, 1), crop, pseudo)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+@pytest.mark.parametrize("backend,b,k,size", CASES, ids=[f"{c[0]}-B{c[1]}-K{c[2]}-{c[3]}" for c in CASES])
+def test_regloss_forward_backward(benchmark, backend, b, k, size):
+    data = inputs(b, k, size)
+    loss_fn = RegularizedLoss(backend=backend)
+    slow = backend != "lattice"
+    if slow:
+        benchmark.pedantic(fwd_bwd, args=(loss_fn, *data), rounds=1, iterations=1)
+    else:
+        benchmark.pedantic(fwd_bwd, args=(loss_fn, *data), rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(backend=backend, B=b, K=k, size=size)
+
+
+@pytest.mark.parametrize("b,k,size", [(2, 21, 224), (2, 81, 224), (2, 21, 448)])
+def test_filter_peak_memory_and_agreement(benchmark, b, k, size):
+    """The op alone: peak extra memory relative to the size of S (target <= 3x), and the agreement
+    with the serial reference (relative L2 <= 1e-5) at the benchmarked size."""
+    images, logits, _, _ = inputs(b, k, size // 2 * 2)
+    image = torch.nn.functional.interpolate(images, size=(size, size), mode="nearest")
+    s = torch.softmax(torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear"), 1)
+    lattice_filter(image, s)  # warm-up (extension load)
+    out, peak = measure_peak(lambda: lattice_filter(image, s))
+    benchmark.pedantic(lattice_filter, args=(image, s), rounds=3, iterations=1)
+    s_bytes = s.numel() * s.element_size()
+    benchmark.extra_info.update(peak_mb=peak / 2**20, S_mb=s_bytes / 2**20, peak_over_S=peak / s_bytes,
+                                output_over_S=1.0)
+    if size <= 224 and k <= 21:
+        ref = serial_lattice_filter(image, s, 50.0, 15.0)
+        err = float((out.double() - ref).norm() / ref.norm())
+        benchmark.extra_info["max_rel_err"] = err
+        assert err <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("k,size", [(21, 224), (81, 224), (21, 448)])
+def test_regloss_cuda(benchmark, k, size):
+    data = inputs(2, k, size, device="cuda")
+    loss_fn = RegularizedLoss()
+
+    def run():
+        out = fwd_bwd(loss_fn, *data)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
+    _, peak = measure_peak(run, device="cuda")
+    benchmark.extra_info.update(backend="cuda", K=k, size=size, peak_mb=peak / 2**20)
