@@ -99,12 +99,17 @@ def patch_labels(aux_cam: torch.Tensor, cls_label: torch.Tensor, img_box: torch.
 # ----------------------------------------------------------------------------- PAR refinement
 def refine_cams_with_par(par, images_denorm: torch.Tensor, cams: torch.Tensor, cls_label: torch.Tensor,
                          img_box: torch.Tensor, high: float = 0.7, low: float = 0.25,
-                         down_scale: int = 2) -> torch.Tensor:
+                         down_scale: int = 2, batched: bool = True) -> torch.Tensor:
     """Pseudo labels from CAMs refined by PAR (method.md "Refinement with PAR").
 
     Per image, over the present classes only: stacks [bkg=high, cams] and [bkg=low, cams], both
     downsampled by ``down_scale`` with the image, softmax over classes, PAR, upsample, argmax ->
-    L_h, L_l. Result L_h, 255 where L_h is background, 0 where both are background, 255 outside the box."""
+    L_h, L_l. Result L_h, 255 where L_h is background, 0 where both are background, 255 outside the box.
+
+    PAR acts on each channel independently and linearly, so ``batched=True`` refines both stacks of
+    every image in ONE call (channels of absent classes zero-padded; zeros stay zero and are never
+    read). ``batched=False`` is the authors' layout: one PAR call per image and stack (2B calls, each
+    recomputing the image affinity). Same maths; tests/test_cam_par_losses.py and tests/test_step.py."""
     b, _, h, w = images_denorm.shape
     small = (h // down_scale, w // down_scale)
     images_small = F.interpolate(images_denorm, size=small, mode="bilinear", align_corners=False)
@@ -114,16 +119,28 @@ def refine_cams_with_par(par, images_denorm: torch.Tensor, cams: torch.Tensor, c
               for t in (high, low)]
     present = torch.cat([torch.ones_like(cls_label[:, :1]), cls_label], dim=1) > 0
     inside = box_mask(img_box, (h, w), cams.device)
+    keys = [torch.nonzero(present[i]).flatten() for i in range(b)]
+    if batched:
+        cmax = max(len(k) for k in keys)
+        probs = cams.new_zeros((b, 2 * cmax, *small))
+        for i in range(b):
+            for j, stack in enumerate(stacks):
+                probs[i, j * cmax: j * cmax + len(keys[i])] = stack[i, keys[i]].softmax(dim=0)
+        refined = F.interpolate(par(images_small, probs), size=(h, w), mode="bilinear", align_corners=False)
+        pairs = [[keys[i][refined[i, j * cmax: j * cmax + len(keys[i])].argmax(dim=0)] for j in range(2)]
+                 for i in range(b)]
+    else:
+        pairs = []
+        for i in range(b):
+            labels = []
+            for stack in stacks:
+                probs = stack[i:i + 1, keys[i]].softmax(dim=1)
+                refined = par(images_small[i:i + 1], probs)
+                refined = F.interpolate(refined, size=(h, w), mode="bilinear", align_corners=False)
+                labels.append(keys[i][refined.argmax(dim=1)[0]])
+            pairs.append(labels)
     out = torch.full((b, h, w), IGNORE, dtype=torch.long, device=cams.device)
-    for i in range(b):
-        keys = torch.nonzero(present[i]).flatten()
-        labels = []
-        for stack in stacks:
-            probs = stack[i:i + 1, keys].softmax(dim=1)
-            refined = par(images_small[i:i + 1], probs)
-            refined = F.interpolate(refined, size=(h, w), mode="bilinear", align_corners=False)
-            labels.append(keys[refined.argmax(dim=1)[0]])
-        label_h, label_l = labels
+    for i, (label_h, label_l) in enumerate(pairs):
         label = label_h.clone()
         label[label_h == 0] = IGNORE
         label[(label_h + label_l) == 0] = 0

@@ -180,9 +180,9 @@ def _smoke(**kw) -> TrainConfig:
     """A few minutes on 2 CPU cores: micro ViT from scratch on the synthetic VOC-layout set."""
     return TrainConfig(
         preset="smoke", dataset="synthetic", data_root="data/synthetic", train_split="train_aug",
-        backbone="vit_micro_patch16", crop_size=128, batch_size=8, max_steps=600, lr=5e-4,
-        head_lr_mult=10.0, warmup_steps=60, phases=_voc_phases(seg_start=300), num_workers=2,
-        log_every=10, val_every=300, ckpt_every=100, out_dir="runs/smoke", **kw,
+        backbone="vit_micro_patch16", crop_size=128, batch_size=8, max_steps=1200, lr=5e-4,
+        head_lr_mult=10.0, warmup_steps=60, phases=_voc_phases(seg_start=200), num_workers=2,
+        log_every=10, val_every=400, ckpt_every=100, fast_step=True, out_dir="runs/smoke", **kw,
     )
 
 

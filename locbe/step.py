@@ -6,8 +6,9 @@ LOC (4 local crops vs the global class token). Terms whose weight is zero in the
 are not computed at all, so the early VOC phase costs what it costs the authors.
 
 ``fast=True`` computes the same maths with fewer passes (see ``_encode_main_and_erased``):
-the main and erased views share one batched encoder pass, and equal-shaped LOC crops share
-one pass. Results equal the plain path up to float reduction order (tests/test_step.py).
+the main and erased views share one batched encoder pass, equal-shaped LOC crops share
+one pass, and PAR refines both label stacks of the whole batch in one call. Results equal the
+plain path up to float reduction order (tests/test_step.py).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def training_step(
         with timer("par"):
             source = aux_cams if cfg.phase_at(step).label_source == "aux" else cams
             pseudo = camlib.refine_cams_with_par(
-                par, denormalize(images), source, cls_label, img_box, high=cfg.high, low=cfg.low)
+                par, denormalize(images), source, cls_label, img_box, high=cfg.high, low=cfg.low, batched=fast)
         extras["pseudo_label"] = pseudo
         seg_logits = F.interpolate(out.seg_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if "seg" in weights:

@@ -591,25 +591,26 @@ def ref_refine_labels(par, images: torch.Tensor, cams: torch.Tensor, y: torch.Te
 
 @settings(max_examples=25)
 @given(b=st.integers(1, 3), f=st.integers(1, 4), h=st.integers(2, 12), w=st.integers(2, 12),
-       seed=st.integers(0, 2**16))
-def test_refine_cams_with_par_label_logic(b, f, h, w, seed):
+       seed=st.integers(0, 2**16), batched=st.booleans())
+def test_refine_cams_with_par_label_logic(b, f, h, w, seed, batched):
     images = _rand(seed, b, 3, h, w)
     cams = _rand(seed + 1, b, f, h, w)
     y = _random_labels(seed, b, f)
     boxes = torch.tensor([_random_box(seed + i, h, w) for i in range(b)])
-    got = camlib.refine_cams_with_par(ResizeOnlyPAR(), images, cams, y, boxes, high=0.7, low=0.25)
+    got = camlib.refine_cams_with_par(ResizeOnlyPAR(), images, cams, y, boxes, high=0.7, low=0.25, batched=batched)
     want = ref_refine_labels(ResizeOnlyPAR(), images, cams, y, boxes, 0.7, 0.25)
     np.testing.assert_array_equal(got.numpy(), want)
 
 
-def test_refine_cams_with_par_real_par_labels_in_range_and_box():
+@pytest.mark.parametrize("batched", [False, True], ids=["per_image", "batched"])
+def test_refine_cams_with_par_real_par_labels_in_range_and_box(batched):
     b, f, h, w = 2, 5, 24, 20
     images = _rand(31, b, 3, h, w)
     cams = _rand(32, b, f, h, w)
     y = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # image 1: no foreground class
     boxes = torch.tensor([[3, 20, 2, 17], [0, 24, 0, 20]])
     par = PAR(dilations=(1, 2, 4), num_iter=5)
-    got = camlib.refine_cams_with_par(par, images, cams, y, boxes, high=0.7, low=0.25)
+    got = camlib.refine_cams_with_par(par, images, cams, y, boxes, high=0.7, low=0.25, batched=batched)
     assert got.shape == (b, h, w) and got.dtype == torch.long
     inside = camlib.box_mask(boxes, (h, w))
     assert (got[~inside] == IGNORE).all()
