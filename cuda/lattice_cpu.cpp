@@ -83,6 +83,15 @@ static void elevate_serial(const float* f, std::array<Key, kV>& keys, std::array
   }
 }
 
+// (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) of pixel i, rounded to float exactly as ElevateKernel does
+static void pixel_features(const float* img, int64_t i, int64_t n, int64_t w, double sigma_xy, double sigma_rgb,
+                           float* f) {
+  const float inv_xy = static_cast<float>(1.0 / sigma_xy), inv_rgb = static_cast<float>(1.0 / sigma_rgb);
+  f[0] = static_cast<float>(i % w) * inv_xy;
+  f[1] = static_cast<float>(i / w) * inv_xy;
+  for (int c = 0; c < 3; ++c) f[2 + c] = img[c * n + i] * inv_rgb;
+}
+
 torch::Tensor lattice_filter_serial(const torch::Tensor& image_in, const torch::Tensor& values_in, double sigma_xy,
                                     double sigma_rgb, bool reverse) {
   TORCH_CHECK(!values_in.is_cuda(), "the serial reference runs on the CPU");
@@ -98,10 +107,8 @@ torch::Tensor lattice_filter_serial(const torch::Tensor& image_in, const torch::
     std::map<Key, int> index;
     std::vector<Key> lattice_keys;
     for (int64_t i = 0; i < n; ++i) {
-      float f[kD] = {static_cast<float>(i % w) * static_cast<float>(1.0 / sigma_xy),
-                     static_cast<float>(i / w) * static_cast<float>(1.0 / sigma_xy),
-                     img[i] * static_cast<float>(1.0 / sigma_rgb), img[n + i] * static_cast<float>(1.0 / sigma_rgb),
-                     img[2 * n + i] * static_cast<float>(1.0 / sigma_rgb)};
+      float f[kD];
+      pixel_features(img, i, n, w, sigma_xy, sigma_rgb, f);
       std::array<Key, kV> keys;
       elevate_serial(f, keys, bary[i]);
       for (int r = 0; r < kV; ++r) {
@@ -150,10 +157,8 @@ int64_t lattice_size(const torch::Tensor& image_in, double sigma_xy, double sigm
   const float* img = image[0].data_ptr<float>();
   std::map<Key, int> index;
   for (int64_t i = 0; i < n; ++i) {
-    float f[kD] = {static_cast<float>(i % w) * static_cast<float>(1.0 / sigma_xy),
-                   static_cast<float>(i / w) * static_cast<float>(1.0 / sigma_xy),
-                   img[i] * static_cast<float>(1.0 / sigma_rgb), img[n + i] * static_cast<float>(1.0 / sigma_rgb),
-                   img[2 * n + i] * static_cast<float>(1.0 / sigma_rgb)};
+    float f[kD];
+    pixel_features(img, i, n, w, sigma_xy, sigma_rgb, f);
     std::array<Key, kV> keys;
     std::array<float, kV> bary;
     elevate_serial(f, keys, bary);

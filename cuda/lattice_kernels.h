@@ -69,14 +69,15 @@ HOST_DEVICE inline bool keys_equal(const int16_t* a, const int16_t* b) {
   return true;
 }
 
-// Find `key` in the open-addressing table; slots hold the id of the entry that first inserted the key,
-// whose coordinates are entry_keys[id * kD ...]. Returns the slot, or -1 when absent.
-HOST_DEVICE inline int64_t find_slot(const int* table, int64_t mask, const int16_t* entry_keys, const int16_t* key) {
+// After relabelling (RelabelKernel) occupied slots hold lattice indices, and lattice_rep[l] is an entry with
+// the point's key. Returns the lattice index of `key`, or -1 when it is not a lattice point.
+HOST_DEVICE inline int64_t find_point(const int* table, int64_t mask, const int16_t* entry_keys, const int* lattice_rep,
+                                      const int16_t* key) {
   int64_t s = hash_key(key) & mask;
   while (true) {
-    int rep = atomic_load(table + s);
-    if (rep == kEmpty) return -1;
-    if (keys_equal(entry_keys + static_cast<int64_t>(rep) * kD, key)) return s;
+    int l = table[s];
+    if (l == kEmpty) return -1;
+    if (keys_equal(entry_keys + static_cast<int64_t>(lattice_rep[l]) * kD, key)) return l;
     s = (s + 1) & mask;
   }
 }
@@ -155,7 +156,7 @@ struct InsertKernel {
   int* table;
   int64_t mask;
   const int16_t* entry_keys;
-  int64_t* entry_slot;  // (N * kV)
+  int32_t* entry_slot;  // (N * kV)
 
   HOST_DEVICE void operator()(int64_t e) const {
     const int16_t* key = entry_keys + e * kD;
@@ -163,7 +164,7 @@ struct InsertKernel {
     while (true) {
       int found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
       if (found == kEmpty || keys_equal(entry_keys + static_cast<int64_t>(found) * kD, key)) {
-        entry_slot[e] = s;
+        entry_slot[e] = static_cast<int32_t>(s);
         return;
       }
       s = (s + 1) & mask;
@@ -173,17 +174,27 @@ struct InsertKernel {
 
 // ---------------------------------------------------------------------------- 3. lattice index per entry
 struct EntryLatticeKernel {
-  const int64_t* entry_slot;
-  const int64_t* slot_index;  // inclusive prefix count of occupied slots: lattice index = slot_index - 1
+  const int32_t* entry_slot;
+  const int32_t* slot_index;  // inclusive prefix count of occupied slots: lattice index = slot_index - 1
   const int* table;
-  int64_t* entry_lattice;     // (N * kV)
+  int32_t* entry_lattice;     // (N * kV)
   int* lattice_rep;           // (M) an entry id holding the lattice point's key
 
   HOST_DEVICE void operator()(int64_t e) const {
     int64_t s = entry_slot[e];
-    int64_t l = slot_index[s] - 1;
+    int32_t l = slot_index[s] - 1;
     entry_lattice[e] = l;
     if (table[s] == static_cast<int>(e)) lattice_rep[l] = static_cast<int>(e);
+  }
+};
+
+// Occupied slots: entry id -> lattice index, so the slot -> index map can be freed before the blur.
+struct RelabelKernel {
+  int* table;
+  const int32_t* slot_index;
+
+  HOST_DEVICE void operator()(int64_t s) const {
+    if (table[s] != kEmpty) table[s] = slot_index[s] - 1;
   }
 };
 
@@ -193,14 +204,14 @@ template <typename scalar_t>
 struct SplatAtomicKernel {
   const scalar_t* values_in;  // (K, N) one image
   const scalar_t* weights;
-  const int64_t* entry_lattice;
+  const int32_t* entry_lattice;
   int64_t n, k;
   scalar_t* lattice;  // (M + 1, K)
 
   HOST_DEVICE void operator()(int64_t e) const {
     int64_t pixel = e / kV;
     scalar_t w = weights[e];
-    scalar_t* row = lattice + entry_lattice[e] * k;
+    scalar_t* row = lattice + static_cast<int64_t>(entry_lattice[e]) * k;
     for (int64_t c = 0; c < k; ++c) atomic_add(row + c, w * values_in[c * n + pixel]);
   }
 };
@@ -228,44 +239,36 @@ struct SplatGatherKernel {
 };
 
 // ---------------------------------------------------------------------------- 5. blur
-struct BlurNeighboursKernel {
+// One lattice point per thread, all channels of the chunk: the two neighbours along `axis` are looked
+// up in the hash table on the fly (no (d+1) x M x 2 neighbour table is kept: it was the op's largest
+// buffer on textured images). Missing neighbours map to row M, which is zero.
+template <typename scalar_t>
+struct BlurKernel {
+  const scalar_t* src;  // (M + 1, K), row M is zero
+  scalar_t* dst;
   const int* table;
   int64_t mask;
   const int16_t* entry_keys;
   const int* lattice_rep;
-  const int64_t* slot_index;
-  int64_t m;
-  int64_t* neighbours;  // (kV, M, 2), -> M (the zero row) when absent
+  int64_t m, k;
+  int axis;
 
-  HOST_DEVICE void operator()(int64_t idx) const {  // idx = j * M + l
-    int64_t j = idx / m, l = idx % m;
+  HOST_DEVICE void operator()(int64_t l) const {
     const int16_t* key = entry_keys + static_cast<int64_t>(lattice_rep[l]) * kD;
     int16_t n1[kD], n2[kD];
     for (int t = 0; t < kD; ++t) {
       n1[t] = static_cast<int16_t>(key[t] - 1);
       n2[t] = static_cast<int16_t>(key[t] + 1);
     }
-    if (j < kD) {
-      n1[j] = static_cast<int16_t>(key[j] + kD);
-      n2[j] = static_cast<int16_t>(key[j] - kD);
+    if (axis < kD) {
+      n1[axis] = static_cast<int16_t>(key[axis] + kD);
+      n2[axis] = static_cast<int16_t>(key[axis] - kD);
     }
-    int64_t s1 = find_slot(table, mask, entry_keys, n1);
-    int64_t s2 = find_slot(table, mask, entry_keys, n2);
-    neighbours[idx * 2] = s1 < 0 ? m : slot_index[s1] - 1;
-    neighbours[idx * 2 + 1] = s2 < 0 ? m : slot_index[s2] - 1;
-  }
-};
-
-template <typename scalar_t>
-struct BlurKernel {
-  const scalar_t* src;  // (M + 1, K), row M is zero
-  scalar_t* dst;
-  const int64_t* neighbours;  // this axis: (M, 2)
-  int64_t k;
-
-  HOST_DEVICE void operator()(int64_t idx) const {  // idx = l * K + c
-    int64_t l = idx / k, c = idx % k;
-    dst[idx] = src[idx] + static_cast<scalar_t>(0.5) * (src[neighbours[l * 2] * k + c] + src[neighbours[l * 2 + 1] * k + c]);
+    const int64_t p1 = find_point(table, mask, entry_keys, lattice_rep, n1);
+    const int64_t p2 = find_point(table, mask, entry_keys, lattice_rep, n2);
+    const int64_t left = p1 < 0 ? m : p1, right = p2 < 0 ? m : p2;
+    for (int64_t c = 0; c < k; ++c)
+      dst[l * k + c] = src[l * k + c] + static_cast<scalar_t>(0.5) * (src[left * k + c] + src[right * k + c]);
   }
 };
 
@@ -274,7 +277,7 @@ template <typename scalar_t>
 struct SliceKernel {
   const scalar_t* lattice;
   const scalar_t* weights;
-  const int64_t* entry_lattice;
+  const int32_t* entry_lattice;
   int64_t n, k;
   scalar_t alpha;
   scalar_t* out;  // (K, N)
@@ -284,7 +287,7 @@ struct SliceKernel {
     scalar_t acc = 0;
     for (int r = 0; r < kV; ++r) {
       int64_t e = pixel * kV + r;
-      acc += weights[e] * lattice[entry_lattice[e] * k + c];
+      acc += weights[e] * lattice[static_cast<int64_t>(entry_lattice[e]) * k + c];
     }
     out[idx] = alpha * acc;
   }

@@ -2,8 +2,9 @@
 ``reports/benchmarks/`` and print a table with the change against the previous run.
 
 Peak memory on CPU is the process's resident high-water mark (``VmHWM``) reset just before the
-measured call (``/proc/self/clear_refs``), minus the resident size at that moment: exact for what
-the call touched, including allocator overhead. On CUDA it is ``torch.cuda.max_memory_allocated``.
+measured call (``/proc/self/clear_refs``), minus the resident size at that moment, with glibc's mmap
+threshold pinned so that freed blocks leave the resident set at once: what the call touched,
+including allocator overhead. On CUDA it is ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ def measure_peak(fn, device: str = "cpu"):
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - before
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so the baseline is what is live
-    except OSError:
+        libc = ctypes.CDLL("libc.so.6")
+        # a fixed mmap threshold (glibc otherwise raises it after frees): blocks >= 128 KiB are mapped and
+        # unmapped on free, so resident size follows live memory and the peak does not depend on history
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)  # give freed heap back so the baseline is what is live
+    except (OSError, AttributeError):
         pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
@@ -67,7 +72,8 @@ def table(current: dict[str, dict], previous: dict[str, dict] | None) -> str:
     rows = []
     for name, r in current.items():
         row = {"benchmark": name, "mean s": r["mean_s"]}
-        for key in ("images_per_s", "peak_mb", "peak_over_S", "speedup_vs_plain", "max_rel_err"):
+        for key in ("images_per_s", "peak_mb", "peak_over_S", "workspace_over_S", "speedup_vs_plain", "peak_vs_plain",
+                    "max_rel_err"):
             if key in r:
                 row[key] = r[key]
         if previous and name in previous:

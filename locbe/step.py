@@ -23,6 +23,9 @@ from locbe import losses
 from locbe.config import TrainConfig
 from locbe.data import denormalize
 
+# Main + erased views in one encoder pass on CPU too (tests force it; measured slower there for ViT-B at 448)
+BATCH_VIEWS_ON_CPU = False
+
 
 @dataclass
 class StepOutput:
@@ -117,7 +120,9 @@ def training_step(
     # ---- main forward (and, on the fast path, the erased BE view in the same encoder pass)
     be_out = None
     with timer("main_forward"):
-        if fast and "be" in weights:
+        if fast and "be" in weights and (device.type == "cuda" or BATCH_VIEWS_ON_CPU):
+            # batching the two views pays on a GPU; on CPU it measured slower for ViT-B/16 at 448
+            # (docs/benchmarks.md), so there the views keep separate passes
             out, be_out = _encode_main_and_erased(model, images, camlib.erase_for_be(images, regions))
         else:
             out = model(images)

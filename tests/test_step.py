@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 
+from locbe import step as step_module
 from locbe.cli import main as cli
 from locbe.config import apply_overrides, get_preset
 from locbe.data import build_dataset
@@ -48,8 +49,10 @@ def run_step(cfg, batch, fast: bool, step: int):
     return out, grads
 
 
+@pytest.mark.parametrize("batch_views", [False, True], ids=["separate_views", "batched_views"])
 @pytest.mark.parametrize("step", [1, 10])
-def test_fast_step_equals_plain_step(setup, step):
+def test_fast_step_equals_plain_step(setup, step, batch_views, monkeypatch):
+    monkeypatch.setattr(step_module, "BATCH_VIEWS_ON_CPU", batch_views)
     cfg, batch = setup
     plain, g_plain = run_step(cfg, batch, fast=False, step=step)
     fast, g_fast = run_step(cfg, batch, fast=True, step=step)
@@ -67,6 +70,7 @@ def test_fast_step_equals_plain_step(setup, step):
 
 def test_fast_step_batches_fewer_encoder_passes(setup, monkeypatch):
     """The speed-up is real structure, not noise: count the encoder passes of each path."""
+    monkeypatch.setattr(step_module, "BATCH_VIEWS_ON_CPU", True)
     cfg, batch = setup
     model = build_model(cfg.backbone, num_classes=cfg.num_classes)
     calls = []

@@ -30,10 +30,12 @@ def check_inputs(image_255: torch.Tensor, values: torch.Tensor, sigma_xy: float,
     for name, s in (("sigma_xy", sigma_xy), ("sigma_rgb", sigma_rgb)):
         if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
             raise ValueError(f"{name} must be a finite positive number, got {s!r}")
-    if not torch.isfinite(image_255).all() or not torch.isfinite(values).all():
+    # min/max propagate NaN and expose inf without the full-size temporaries of isfinite()
+    ranges = [tuple(float(v) for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0) for t in (image_255, values)]
+    if not all(math.isfinite(v) for r in ranges for v in r):
         raise ValueError("image and values must be finite (found NaN or inf)")
     # lattice keys are int16: the elevated coordinates must stay below 2^15
-    colour = float(image_255.abs().max()) / sigma_rgb if image_255.numel() else 0.0
+    colour = max(abs(v) for v in ranges[0]) / sigma_rgb
     largest = max(max(values.shape[2:]) / sigma_xy, colour)
     if largest > MAX_FEATURE:
         raise ValueError(f"sigmas too small for this input: the largest feature value {largest:.0f} exceeds "
