@@ -31,7 +31,8 @@ def check_inputs(image_255: torch.Tensor, values: torch.Tensor, sigma_xy: float,
         if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
             raise ValueError(f"{name} must be a finite positive number, got {s!r}")
     # min/max propagate NaN and expose inf without the full-size temporaries of isfinite()
-    ranges = [tuple(float(v) for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0) for t in (image_255, values)]
+    ranges = [tuple(float(v) for v in torch.aminmax(t.detach())) if t.numel() else (0.0, 0.0)
+              for t in (image_255, values)]
     if not all(math.isfinite(v) for r in ranges for v in r):
         raise ValueError("image and values must be finite (found NaN or inf)")
     # lattice keys are int16: the elevated coordinates must stay below 2^15
