@@ -150,23 +150,6 @@ torch::Tensor lattice_filter_serial(const torch::Tensor& image_in, const torch::
   return out;
 }
 
-int64_t lattice_size(const torch::Tensor& image_in, double sigma_xy, double sigma_rgb) {
-  // number of lattice points of the first image (for docs / memory accounting)
-  auto image = image_in.contiguous().to(torch::kFloat32);
-  const int64_t h = image.size(2), w = image.size(3), n = h * w;
-  const float* img = image[0].data_ptr<float>();
-  std::map<Key, int> index;
-  for (int64_t i = 0; i < n; ++i) {
-    float f[kD];
-    pixel_features(img, i, n, w, sigma_xy, sigma_rgb, f);
-    std::array<Key, kV> keys;
-    std::array<float, kV> bary;
-    elevate_serial(f, keys, bary);
-    for (auto& key : keys) index.emplace(key, 0);
-  }
-  return index.size();
-}
-
 }  // namespace locbe
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -174,7 +157,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("image"), py::arg("values"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("deterministic"),
         py::arg("reverse") = false, py::arg("atomic_splat") = false);
   m.def("lattice_filter_serial", &locbe::lattice_filter_serial, "plain serial reference, one channel at a time");
-  m.def("lattice_size", &locbe::lattice_size, "number of lattice points of the first image");
 #ifdef WITH_CUDA
   m.attr("has_cuda") = true;
 #else

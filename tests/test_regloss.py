@@ -44,23 +44,21 @@ def textured_image(h, w, seed, dtype=torch.float64):
 
 
 @contextlib.contextmanager
+def temporarily(get, set_, value):
+    before = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 def deterministic_mode(on: bool = True):
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
+    return temporarily(torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms, on)
 
 
-@contextlib.contextmanager
 def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return temporarily(torch.get_num_threads, torch.set_num_threads, n)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,12 +31,14 @@ def _check_compiler() -> None:
                            "use; install g++ (e.g. apt-get install g++) or set CXX")
 
 
-def _load(name: str, sources: list[Path], cuda: bool, build_directory: str | None = None, verbose: bool = False):
+def _load(name: str, sources: list[Path], cuda: bool, build_directory: str | None = None, verbose: bool = False,
+          is_python_module: bool = True):
     from torch.utils.cpp_extension import load
 
     flags = ["-O3", "-fopenmp"]
     kwargs = dict(name=name, sources=[str(s) for s in sources], extra_cflags=flags + (["-DWITH_CUDA"] if cuda else []),
-                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(source_dir())], verbose=verbose)
+                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(source_dir())], verbose=verbose,
+                  is_python_module=is_python_module)
     if cuda:
         kwargs["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr"]
     if build_directory:
@@ -62,18 +64,20 @@ def load_extension(cuda: bool | None = None):
 def build_cuda(build_directory: str, archs: str = DEFAULT_CUDA_ARCHS, verbose: bool = False) -> Path:
     """Compile and link the CUDA backend (no GPU needed); returns the shared library's path."""
     import torch.utils.cpp_extension as ext
-    from torch.utils.cpp_extension import _import_module_from_library  # noqa: F401 - presence check only
 
     if ext.CUDA_HOME is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     src = source_dir()
-    from torch.utils.cpp_extension import load
-
-    load(name="locbe_lattice_cuda_build", sources=[str(src / "lattice_cpu.cpp"), str(src / "lattice_cuda.cu")],
-         extra_cflags=["-O3", "-fopenmp", "-DWITH_CUDA"], extra_ldflags=["-fopenmp"],
-         extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], extra_include_paths=[str(src)],
-         build_directory=build_directory, verbose=verbose, is_python_module=False)
+    before = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    try:
+        _load("locbe_lattice_cuda_build", [src / "lattice_cpu.cpp", src / "lattice_cuda.cu"], cuda=True,
+              build_directory=build_directory, verbose=verbose, is_python_module=False)
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = before
     lib = Path(build_directory) / "locbe_lattice_cuda_build.so"
     if not lib.is_file():
         raise RuntimeError(f"the CUDA build finished without producing {lib}")
