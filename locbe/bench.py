@@ -82,7 +82,7 @@ def table(current: dict[str, dict], previous: dict[str, dict] | None) -> str:
     return tabulate(rows, headers="keys", floatfmt=".4g", tablefmt="github", missingval="-")
 
 
-def _previous(folder: Path, suite: str, exclude: Path) -> Path | None:
+def _previous(folder: Path, suite: str, exclude: Path | None = None) -> Path | None:
     runs = sorted(p for p in folder.glob(f"{suite}-*.json") if p != exclude)
     return runs[-1] if runs else None
 
@@ -105,7 +105,7 @@ def run(args) -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for suite in suites:
         if args.show:
-            path = _previous(out, suite, exclude=Path("/nonexistent"))
+            path = _previous(out, suite)
             if path is None:
                 print(f"[{suite}] no saved results in {out}")
                 continue

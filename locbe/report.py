@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from locbe.fileio import atomic_path, atomic_write_text
 
 ROW_COLUMNS = ["method", "backbone", "dataset", "split", "metric", "reported", "reproduced", "delta", "status",
                "commit", "config_hash", "seed", "device", "torch", "timm"]
@@ -37,13 +38,6 @@ def make_row(method, backbone, dataset, split, metric, reproduced, env: dict, re
             **{k: env.get(k) for k in ("commit", "config_hash", "seed", "device", "torch", "timm")}}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _markdown(df: pd.DataFrame, **kwargs) -> str:
     """tabulate's ``missingval`` only replaces None, not NaN: hand it None so missing cells show as "-"."""
     return df.astype(object).where(df.notna(), None).to_markdown(index=False, missingval="-", **kwargs)
@@ -54,7 +48,7 @@ def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None
     df = pd.DataFrame(rows, columns=ROW_COLUMNS)
     buf = io.StringIO()
     df.to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
-    _atomic_write(out_dir / "results.csv", buf.getvalue())
+    atomic_write_text(out_dir / "results.csv", buf.getvalue())
     shown = df[["method", "backbone", "dataset", "split", "metric", "reported", "reproduced", "delta", "status"]]
     md = [f"# {title}", "", _markdown(shown), ""]
     if notes:
@@ -64,9 +58,9 @@ def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None
     if per_class is not None:
         buf = io.StringIO()
         per_class.to_csv(buf, index=False)
-        _atomic_write(out_dir / "per_class.csv", buf.getvalue())
+        atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
         md += ["## Per-class IoU (%)", "", _markdown(per_class, floatfmt=".1f"), ""]
-    _atomic_write(out_dir / "results.md", "\n".join(md))
+    atomic_write_text(out_dir / "results.md", "\n".join(md))
 
 
 # ----------------------------------------------------------------------------- panels
@@ -99,10 +93,8 @@ def write_panel(path: Path, columns: list[tuple[str, np.ndarray]], height: int =
     for t in tiles:
         total.paste(t, (x, 0))
         x += t.width + 4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    total.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        total.save(tmp)
 
 
 def panel_columns(image_u8, cam, regions, pseudo, pred, gt, palette) -> list[tuple[str, np.ndarray]]:

@@ -35,10 +35,12 @@ def _stage_train(cfg: TrainConfig, progress: bool) -> Path:
 
 def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progress: bool, **opts) -> dict:
     from locbe.data import build_dataset
-    from locbe.eval.evaluate import EvalOptions, evaluate, load_model_for_eval, write_json_atomic
+    from locbe.eval.evaluate import EvalOptions, evaluate, load_model_for_eval
+    from locbe.fileio import atomic_write_json
 
     out = checkpoint.parent.parent / "eval" / f"{key}.json"
-    step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+    # mmap: only the step is read here, not the weights and optimiser state
+    step = int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["step"])
     if out.exists():
         cached = json.loads(out.read_text())
         if cached.get("checkpoint_step") == step:
@@ -49,7 +51,7 @@ def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progre
     results = evaluate(model, ds, cfg.num_classes, EvalOptions(split=split, progress=progress, **opts),
                        cam_cfg=cfg)
     results["checkpoint_step"] = step
-    write_json_atomic(out, results)
+    atomic_write_json(out, results)
     return results
 
 

@@ -6,8 +6,9 @@ LOC (4 local crops vs the global class token). Terms whose weight is zero in the
 are not computed at all, so the early VOC phase costs what it costs the authors.
 
 ``fast=True`` computes the same maths with fewer passes (see ``_encode_main_and_erased``):
-the main and erased views share one batched encoder pass, equal-shaped LOC crops share
-one pass, and PAR refines both label stacks of the whole batch in one call. Results equal the
+equal-shaped LOC crops share one encoder pass, PAR refines both label stacks of the whole batch
+in one call, and on CUDA the main and erased views share one encoder pass (on CPU that measured
+slower, see ``BATCH_VIEWS_ON_CPU``). Results equal the
 plain path up to float reduction order (tests/test_step.py).
 """
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
+from locbe.fileio import atomic_path, atomic_write_json
 
 CHECKPOINT_FORMAT = 1
 
@@ -174,17 +175,8 @@ def environment_info(cfg: TrainConfig, device: torch.device, world_size: int) ->
 
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(path: Path, net, optimizer, step: int, cfg: TrainConfig) -> None:
@@ -296,8 +288,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        atomic_write_text(out_dir / "env.json", json.dumps(environment_info(cfg, device, info.world_size), indent=2))
+        atomic_write_json(out_dir / "config.json", cfg.to_dict())
+        atomic_write_json(out_dir / "env.json", environment_info(cfg, device, info.world_size))
 
     params = [p for p in net.parameters() if p.requires_grad]
     n_batches = batches_per_epoch(dataset, cfg, info)

@@ -8,14 +8,13 @@ The file is written atomically (temp file in the same folder + ``os.replace``).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from locbe.data.voc import LABEL_FILE, MASK_DIRS, labels_from_mask, read_mask
+from locbe.fileio import atomic_path
 
 
 def split_files(root: Path) -> dict[str, Path]:
@@ -93,15 +92,8 @@ def make_cls_labels(root: str | Path, splits: list[str] | None = None, num_class
     labels: dict[str, np.ndarray] = {}
     for name in tqdm(sorted(names), desc="cls labels", unit="mask", disable=not progress):
         labels[name] = labels_from_mask(read_mask(masks / f"{name}.png", num_classes), num_classes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, labels, allow_pickle=True)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, labels, allow_pickle=True)
     return out, labels
 
 

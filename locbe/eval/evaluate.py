@@ -9,7 +9,6 @@ with the ground-truth image labels.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from locbe import cam as camlib
 from locbe.data import denormalize
 from locbe.eval.metrics import ConfusionMatrix
+from locbe.fileio import atomic_path, atomic_write_json
 
 MS_SCALES = (1.0, 1.25, 1.5)
 
@@ -143,9 +143,8 @@ def _save_palette(path: Path, label: np.ndarray, palette: list[int]) -> None:
 
     im = Image.fromarray(label.astype(np.uint8), mode="P")
     im.putpalette(palette)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    im.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        im.save(tmp)
 
 
 def trivial_baselines(dataset, num_classes: int, max_images: int | None = None) -> dict:
@@ -182,13 +181,6 @@ def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int 
     return model.to(device).eval(), config
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="our .pth, or the authors' LOC-BE / ToCo .pth")
     p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"])
@@ -221,7 +213,7 @@ def run(args) -> int:
                        save_logits=args.save_logits)
     results = evaluate(model, ds, model.num_classes, opts, device, cam_cfg=cam_cfg)
     out = args.out or Path(args.checkpoint).parent
-    write_json_atomic(out / f"metrics_{args.split}.json", {"checkpoint": str(args.checkpoint), **results})
+    atomic_write_json(out / f"metrics_{args.split}.json", {"checkpoint": str(args.checkpoint), **results})
     names = VOC_CLASSES if model.num_classes == 21 else [str(i) for i in range(model.num_classes)]
     for key in ("seg", "seg_crf", "cam", "pseudo_label_par"):
         if key in results:
