@@ -14,19 +14,40 @@ IGNORE = 255
 
 # ----------------------------------------------------------------------------- multi-scale CAM
 @torch.no_grad()
-def multiscale_cam(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5)) -> tuple[torch.Tensor, torch.Tensor]:
+def multiscale_cam(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5),
+                   unflipped_raw: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised CAM and aux CAM ``(B, F, H, W)`` in [0, 1].
 
     Per scale: bilinear resize to (int(sH), int(sW)), run [img, hflip(img)], upsample the raw maps,
     max with the un-flipped flipped map, relu; sum over scales; per image and channel subtract the
-    spatial min and divide by (spatial max + 1e-5)."""
+    spatial min and divide by (spatial max + 1e-5).
+
+    ``unflipped_raw``: the pre-relu (CAM, aux CAM) of the un-resized, un-flipped images, already
+    computed elsewhere (the fast training step takes them from its main forward, which sees exactly
+    these images); then only the flipped images run at scale 1.
+
+    ``autocast_dtype`` (e.g. bfloat16, opt-in ``cam_bf16``) runs the model's passes under autocast; the
+    maps are upsampled, fused and normalised in float32."""
     b, _, h, w = images.shape
     both = torch.cat([images, images.flip(-1)], dim=0)
     total = [torch.zeros(()), torch.zeros(())]
+
+    def run(x):
+        if autocast_dtype is None:
+            return model.cams(x, relu=False)
+        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+            return tuple(r.float() for r in model.cams(x, relu=False))
+
     for s in scales:
         size = (int(s * h), int(s * w))
-        x = both if size == (h, w) else F.interpolate(both, size=size, mode="bilinear", align_corners=False)
-        for i, raw in enumerate(model.cams(x, relu=False)):
+        if size == (h, w) and unflipped_raw is not None:
+            raws = [torch.cat([r.detach().to(f.dtype), f], dim=0)
+                    for r, f in zip(unflipped_raw, run(images.flip(-1)))]
+        else:
+            x = both if size == (h, w) else F.interpolate(both, size=size, mode="bilinear", align_corners=False)
+            raws = run(x)
+        for i, raw in enumerate(raws):
             raw = F.interpolate(raw, size=(h, w), mode="bilinear", align_corners=False)
             total[i] = total[i] + F.relu(torch.max(raw[:b], raw[b:].flip(-1)))
     return normalize_cam(total[0]), normalize_cam(total[1])

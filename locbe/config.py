@@ -96,7 +96,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = False
     deterministic: bool = False
-    fast_step: bool = False  # batched views (benchmarks/issue 6); maths unchanged, see locbe/step.py
+    fast_step: bool = False  # fewer passes, maths unchanged (issue 6, locbe/step.py)
+    cam_bf16: bool = False  # bf16 autocast for the no-grad CAM views only: faster, changes the CAMs slightly
     out_dir: str = "runs/voc"
     log_every: int = 20
     val_every: int = 2000

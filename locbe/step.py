@@ -5,11 +5,12 @@ pseudo labels (PAR-refined) -> cls / aux / sc / seg / reg -> BE (erased view, hy
 LOC (4 local crops vs the global class token). Terms whose weight is zero in the current phase
 are not computed at all, so the early VOC phase costs what it costs the authors.
 
-``fast=True`` computes the same maths with fewer passes (see ``_encode_main_and_erased``):
-equal-shaped LOC crops share one encoder pass, PAR refines both label stacks of the whole batch
-in one call, and on CUDA the main and erased views share one encoder pass (on CPU that measured
-slower, see ``BATCH_VIEWS_ON_CPU``). Results equal the
-plain path up to float reduction order (tests/test_step.py).
+``fast=True`` computes the same maths with less work: the main forward runs first and its
+(detached) maps serve as the un-flipped scale-1 CAM view, so the multi-scale CAM runs one
+ViT pass fewer; the erased BE view computes only the pooled logits its loss reads (no decoder, no
+aux head); equal-shaped LOC crops share one encoder pass; PAR refines both label stacks of the
+whole batch in one call with the low-memory layout. Results equal the plain path up to float
+reduction order (tests/test_step.py).
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from locbe import cam as camlib
 from locbe import losses
 from locbe.config import TrainConfig
 from locbe.data import denormalize
-
-# Main + erased views in one encoder pass on CPU too (tests force it; measured slower there for ViT-B at 448)
-BATCH_VIEWS_ON_CPU = False
 
 
 @dataclass
@@ -109,23 +107,26 @@ def training_step(
     need_cams = need_labels or need_regions or need_aux_labels
 
     extras: dict[str, torch.Tensor] = {}
+    out = None
+    if fast:
+        # main forward first: its (detached) maps are the un-flipped scale-1 CAM view
+        with timer("main_forward"):
+            out = model(images)
     if need_cams:
         with timer("cam_forwards"):
-            cams, aux_cams = camlib.multiscale_cam(net, images, scales=cfg.cam_scales)
+            reuse = None
+            if fast and 1.0 in cfg.cam_scales:
+                with torch.no_grad():
+                    reuse = net.raw_cams(out.patch_tokens, out.aux_tokens)
+            cams, aux_cams = camlib.multiscale_cam(net, images, scales=cfg.cam_scales, unflipped_raw=reuse,
+                                                   autocast_dtype=torch.bfloat16 if cfg.cam_bf16 else None)
         extras["cam"], extras["aux_cam"] = cams, aux_cams
     regions = None
     if need_regions:
         regions = camlib.region_partition(aux_cams, cls_label, low=cfg.low, high=cfg.high)
         extras["regions"] = regions
-
-    # ---- main forward (and, on the fast path, the erased BE view in the same encoder pass)
-    be_out = None
-    with timer("main_forward"):
-        if fast and "be" in weights and (device.type == "cuda" or BATCH_VIEWS_ON_CPU):
-            # batching the two views pays on a GPU; on CPU it measured slower for ViT-B/16 at 448
-            # (docs/benchmarks.md), so there the views keep separate passes
-            out, be_out = _encode_main_and_erased(model, images, camlib.erase_for_be(images, regions))
-        else:
+    if out is None:
+        with timer("main_forward"):
             out = model(images)
 
     terms: dict[str, torch.Tensor] = {}
@@ -156,9 +157,10 @@ def training_step(
 
     if "be" in weights:
         with timer("be"):
-            if be_out is None:
-                be_out = model(camlib.erase_for_be(images, regions), pooling="hybrid")
-            terms["be"] = losses.be_loss(be_out.cls_logits, cls_label)
+            erased = camlib.erase_for_be(images, regions)
+            # the fast path computes only the pooled main-head logits the BE loss reads
+            be_logits = net.classify(erased, pooling="hybrid") if fast else model(erased, pooling="hybrid").cls_logits
+            terms["be"] = losses.be_loss(be_logits, cls_label)
 
     if "loc" in weights:
         with timer("loc_crops"):
@@ -172,14 +174,6 @@ def training_step(
     total = sum(weights[k] * v for k, v in terms.items() if k in weights)
     return StepOutput(total=total, terms={k: v.detach() for k, v in terms.items()}, weights=weights,
                       extras=extras)
-
-
-def _encode_main_and_erased(model, images, erased):
-    """Main view (GMP) and erased view (hybrid pooling) from ONE encoder pass over the concatenated
-    batch. Each sample's encoder computation is independent of the others (per-token LayerNorm,
-    per-sample attention), so this equals two passes up to float summation order."""
-    both = model(torch.cat([images, erased], dim=0), pooling=("gmp", "hybrid"), split=images.shape[0])
-    return both
 
 
 def _class_tokens(net, crops: list[torch.Tensor], fast: bool) -> list[torch.Tensor]:

@@ -190,13 +190,13 @@ def save_checkpoint(path: Path, net, optimizer, step: int, cfg: TrainConfig) -> 
 
 def load_training_state(path: Path, net, optimizer) -> int:
     """Restore model, optimiser and RNG from our checkpoint; returns the completed step."""
-    from locbe.models import load_checkpoint
+    from locbe.models.checkpoint import load_state, read_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)  # once: weights, optimiser and RNG come from the same read
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a locbe training checkpoint (no 'format': {CHECKPOINT_FORMAT}); "
                          "to start from foreign weights use --init-from instead of --resume")
-    load_checkpoint(net, path, strict=True)
+    load_state(net, ckpt, path, strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
@@ -406,7 +406,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-sc", action="store_true", help="switch the patch-token contrast off")
     p.add_argument("--no-reg", action="store_true", help="switch the regularized loss off")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (opt-in)")
-    p.add_argument("--fast-step", action="store_true", help="batched views (same maths, fewer passes)")
+    p.add_argument("--fast-step", action="store_true", help="same maths with fewer passes (docs/benchmarks.md)")
+    p.add_argument("--cam-bf16", action="store_true",
+                   help="bf16 autocast for the no-grad multi-scale CAM views only (opt-in: CAMs change slightly)")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any TrainConfig field, e.g. --set lr=1e-4 (repeatable)")
@@ -422,7 +424,7 @@ def config_from_args(args) -> TrainConfig:
     for flag, name in (("no_loc", "use_loc"), ("no_be", "use_be"), ("no_sc", "use_sc"), ("no_reg", "use_reg")):
         if getattr(args, flag):
             cfg = dataclasses.replace(cfg, **{name: False})
-    for flag in ("bf16", "fast_step", "deterministic"):
+    for flag in ("bf16", "cam_bf16", "fast_step", "deterministic"):
         if getattr(args, flag):
             cfg = dataclasses.replace(cfg, **{flag: True})
     return apply_overrides(cfg, args.overrides)

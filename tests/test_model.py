@@ -396,17 +396,19 @@ def test_heads_pooling_in_the_model(micro):
         micro(x, pooling="avg")
 
 
-def test_forward_pooling_pair_with_split(micro):
+@pytest.mark.parametrize("pooling", ["gmp", "hybrid"])
+def test_classify_and_raw_cams_equal_the_full_forward(micro, pooling):
+    """The fast step's lean BE view (classify) and its reused CAM maps (raw_cams) are the full forward's
+    numbers, computed with the same ops: exactly equal."""
     x = _img(48, 64, b=3, seed=4)
     with torch.no_grad():
-        first, second = micro(x, pooling=("gmp", "hybrid"), split=1)
-        ref_g = micro(x[:1])
-        ref_h = micro(x[1:], pooling="hybrid")
-    torch.testing.assert_close(first.cls_logits, ref_g.cls_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(second.cls_logits, ref_h.cls_logits, rtol=1e-5, atol=1e-5)
-    assert first.seg_logits.shape[0] == 1 and second.seg_logits.shape[0] == 2
-    with pytest.raises(ValueError, match="split"):
-        micro(x, pooling=("gmp", "hybrid"))
+        full = micro(x, pooling=pooling)
+        cam, aux = micro.cams(x, relu=False)
+        raw_cam, raw_aux = micro.raw_cams(full.patch_tokens, full.aux_tokens)
+        assert torch.equal(micro.classify(x, pooling=pooling), full.cls_logits)
+    assert torch.equal(raw_cam, cam) and torch.equal(raw_aux, aux)
+    with pytest.raises(ValueError, match="pooling"):
+        micro.classify(x, pooling="avg")
 
 
 @hsettings(max_examples=6)

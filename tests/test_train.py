@@ -56,11 +56,16 @@ def test_training_runs_all_terms_and_decreases_loss(synthetic_root, tmp_path):
     assert env["seed"] == cfg.seed and env["torch"] == torch.__version__ and env["config_hash"]
 
 
-def test_resume_is_bitwise_identical(synthetic_root, tmp_path):
+def test_resume_is_bitwise_identical(synthetic_root, tmp_path, monkeypatch):
     straight = train(tiny_config(synthetic_root, tmp_path / "a"), progress=False)
     first_half = train(tiny_config(synthetic_root, tmp_path / "b"), progress=False, max_steps_this_run=3)
     assert first_half.step == 3 and not (tmp_path / "b" / "checkpoints" / "final.pth").exists()
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(str(f)) or real_load(f, *a, **k))
     resumed = train(tiny_config(synthetic_root, tmp_path / "b"), progress=False, resume=True)
+    monkeypatch.undo()
+    # the checkpoint is read once for weights, optimiser and RNG
+    assert loads.count(str(tmp_path / "b" / "checkpoints" / "last.pth")) == 1, loads
     assert resumed.step == straight.step == 6
     a = torch.load(straight.checkpoint, weights_only=False)
     b = torch.load(resumed.checkpoint, weights_only=False)

@@ -163,21 +163,16 @@ def trivial_baselines(dataset, num_classes: int, max_images: int | None = None) 
 
 def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int | None, device):
     """Our checkpoints carry their config; the authors' need --backbone / --num-classes (defaults: ViT-B, 21)."""
-    from locbe.models import build_model, load_checkpoint
+    from locbe.models import build_model
+    from locbe.models.checkpoint import load_state, read_checkpoint
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    config = None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        config = obj.get("config") if isinstance(obj, dict) else None
-    except Exception:  # noqa: BLE001 - foreign formats are read by load_checkpoint below
-        config = None
+    obj = read_checkpoint(path)  # read once: the config (ours) and the weights
+    config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
     backbone = backbone or (config or {}).get("backbone", "vit_base_patch16_224")
     num_classes = num_classes or (config or {}).get("num_classes", 21)
     model = build_model(backbone, num_classes=num_classes)
-    load_checkpoint(model, path, strict=True)
+    load_state(model, obj, path, strict=True)
     return model.to(device).eval(), config
 
 

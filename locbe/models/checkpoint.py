@@ -31,7 +31,8 @@ class LoadReport:
         return not self.missing and not self.unexpected
 
 
-def _read_state_dict(path: str | Path, map_location="cpu") -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | Path, map_location="cpu"):
+    """The object stored in a torch (``weights_only``) or safetensors file, with errors naming the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -40,9 +41,12 @@ def _read_state_dict(path: str | Path, map_location="cpu") -> dict[str, torch.Te
             from safetensors.torch import load_file
 
             return load_file(str(path), device=str(map_location))
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt / foreign file: torch and safetensors raise assorted errors without the path
         raise ValueError(f"{path} is not a readable torch or safetensors checkpoint: {type(e).__name__}: {e}") from e
+
+
+def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # our training checkpoints
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -58,7 +62,13 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = Tru
 
     Strict by default: missing or unexpected keys raise, listed by name. A shape mismatch raises a
     ValueError naming the tensor; a class-count mismatch says which --num-classes the file needs."""
-    state = _read_state_dict(path, map_location)
+    return load_state(model, read_checkpoint(path, map_location), path, strict)
+
+
+def load_state(model: torch.nn.Module, state, path: str | Path, strict: bool = True) -> LoadReport:
+    """``load_checkpoint`` for an object already read from ``path`` (a state dict or a checkpoint
+    holding one), so a caller that needs the rest of the file reads it once."""
+    state = _state_dict_of(state, path)
     report = LoadReport(str(path))
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -96,7 +106,7 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str | Path) -> LoadRep
 
         _load_weights(encoder, str(path))
         return LoadReport(str(path))
-    state = _read_state_dict(path)
+    state = _state_dict_of(read_checkpoint(path), path)
     state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items()}
     own = encoder.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:

@@ -92,6 +92,14 @@ def hybrid_pool(x: torch.Tensor, bins: tuple[int, ...] = (1, 2, 8)) -> torch.Ten
     return pooled / (2 + len(bins))
 
 
+def _pool(x: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "gmp":
+        return gmp(x)
+    if pooling == "hybrid":
+        return hybrid_pool(x)
+    raise ValueError(f"pooling must be 'gmp' or 'hybrid', got {pooling!r}")
+
+
 class LOCBENet(nn.Module):
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 21, aux_layer: int = -3,
                  decoder_dim: int = 512):
@@ -153,12 +161,7 @@ class LOCBENet(nn.Module):
 
     # ------------------------------------------------------------------ heads
     def heads(self, cls_token, patch_tokens, aux_tokens, pooling: str = "gmp") -> LOCBEOutput:
-        if pooling == "gmp":
-            pooled = gmp(patch_tokens)
-        elif pooling == "hybrid":
-            pooled = hybrid_pool(patch_tokens)
-        else:
-            raise ValueError(f"pooling must be 'gmp' or 'hybrid', got {pooling!r}")
+        pooled = _pool(patch_tokens, pooling)
         return LOCBEOutput(
             cls_logits=self.classifier(pooled).flatten(1),
             aux_cls_logits=self.aux_classifier(gmp(aux_tokens)).flatten(1),
@@ -166,17 +169,17 @@ class LOCBENet(nn.Module):
             cls_token=cls_token, patch_tokens=patch_tokens, aux_tokens=aux_tokens,
         )
 
-    def forward(self, x: torch.Tensor, pooling="gmp", split: int | None = None):
-        """``pooling`` may be a pair with ``split``: the first ``split`` images pooled with the first mode,
-        the rest with the second, from one encoder pass (the fast training step's main + erased views)."""
-        cls_token, patch_tokens, aux_tokens = self.encode(x)
-        if isinstance(pooling, str):
-            return self.heads(cls_token, patch_tokens, aux_tokens, pooling)
-        if split is None or len(pooling) != 2:
-            raise ValueError("a pair of poolings needs split=<number of images in the first group>")
-        first, second = pooling
-        return (self.heads(cls_token[:split], patch_tokens[:split], aux_tokens[:split], first),
-                self.heads(cls_token[split:], patch_tokens[split:], aux_tokens[split:], second))
+    def forward(self, x: torch.Tensor, pooling: str = "gmp") -> LOCBEOutput:
+        return self.heads(*self.encode(x), pooling)
+
+    def classify(self, x: torch.Tensor, pooling: str = "gmp") -> torch.Tensor:
+        """Main-head logits only (B, F): what the BE view needs, without the decoder and aux head."""
+        _, patch_tokens, _ = self.encode(x)
+        return self.classifier(_pool(patch_tokens, pooling)).flatten(1)
+
+    def raw_cams(self, patch_tokens: torch.Tensor, aux_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activation CAM and aux CAM (B, F, h, w) from encoder tokens: the classifiers as 1x1 convs."""
+        return F.conv2d(patch_tokens, self.classifier.weight), F.conv2d(aux_tokens, self.aux_classifier.weight)
 
     def cams(self, x: torch.Tensor, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """CAMs relu(conv(x, classifier.weight)) and aux CAMs at patch resolution (B, F, h, w).
@@ -184,8 +187,7 @@ class LOCBENet(nn.Module):
         ``relu=False`` gives the pre-activation maps: the multi-scale CAM upsamples and flip-maxes
         those and applies the relu afterwards, as the authors do."""
         _, patch_tokens, aux_tokens = self.encode(x)
-        cam = F.conv2d(patch_tokens, self.classifier.weight)
-        aux = F.conv2d(aux_tokens, self.aux_classifier.weight)
+        cam, aux = self.raw_cams(patch_tokens, aux_tokens)
         return (F.relu(cam), F.relu(aux)) if relu else (cam, aux)
 
     def class_token(self, x: torch.Tensor) -> torch.Tensor:
