@@ -21,12 +21,19 @@ def reported_numbers() -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text))
 
 
-def lookup_reported(method: str, dataset: str, metric: str, protocol: str | None = None) -> float | None:
+def lookup_reported(method: str, dataset: str, metric: str, protocol: str | None = None,
+                    split: str | None = None) -> float | None:
+    """The published ViT-B/16 number for a row, or None. A given ``split`` or ``protocol`` matches rows
+    with that value or rows whose source does not name one ("unstated"), exact matches first; a
+    number for another split or protocol is never returned."""
     df = reported_numbers()
     sel = df[(df.method == method) & (df.dataset == dataset) & (df.metric == metric) & (df.backbone == "ViT-B/16")]
-    if protocol is not None and (sel.protocol == protocol).any():
-        sel = sel[sel.protocol == protocol]
-    return float(sel.value.iloc[0]) if len(sel) else None
+    rank = pd.Series(0, index=sel.index)
+    for column, wanted in (("split", split), ("protocol", protocol)):
+        if wanted is not None:
+            sel = sel[sel[column].isin([wanted, "unstated"])]
+            rank = rank.loc[sel.index] + (sel[column] != wanted).astype(int)
+    return float(sel.value.loc[rank.sort_values(kind="stable").index[0]]) if len(sel) else None
 
 
 def make_row(method, backbone, dataset, split, metric, reproduced, env: dict, reported=None, status="ok") -> dict:

@@ -120,7 +120,7 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     for ds_name in ("voc", "coco"):
         for split, metric, key in (("val", "seg mIoU", "seg_miou"), ("train", "CAM mIoU", "cam_miou")):
             rows.append(make_row("LOC-BE", "ViT-B/16", ds_name, split, metric, None, {},
-                                 reported=lookup_reported("LOC-BE", ds_name, key),
+                                 reported=lookup_reported("LOC-BE", ds_name, key, split=split),
                                  status=f"not run: dataset not found (locbe reproduce --preset {ds_name} "
                                         "--data-root DIR)"))
     if ablation:
@@ -165,7 +165,7 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool) -> Path:
     if root is None or not root.is_dir():
         for split, metric, key, proto in metrics:
             rows.append(make_row(method, cfg.backbone, ds_name, split, metric, None, env,
-                                 reported=lookup_reported(method, ds_name, key, proto),
+                                 reported=lookup_reported(method, ds_name, key, proto, split=split),
                                  status="not run: dataset not found"))
         write_tables(reports / cfg.preset, rows, None, f"locbe reproduce: {cfg.preset}",
                      [f"--data-root {cfg.data_root} not found; nothing was trained."])
@@ -182,7 +182,7 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool) -> Path:
     status = "ok" if cfg.pretrained else "pretrained weights not given: encoder from scratch, not comparable"
     for split, metric, key, proto in metrics:
         rows.append(make_row(method, cfg.backbone, ds_name, split, metric, values[metric], env,
-                             reported=lookup_reported(method, ds_name, key, proto), status=status))
+                             reported=lookup_reported(method, ds_name, key, proto, split=split), status=status))
     import pandas as pd
 
     names = VOC_CLASSES if cfg.num_classes == 21 else COCO_CLASSES

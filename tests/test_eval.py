@@ -403,6 +403,13 @@ def test_reported_numbers_have_sources():
     assert report.lookup_reported("ToCo", "voc", "seg_miou", "single scale") == 69.2
     assert report.lookup_reported("ToCo", "coco", "seg_miou", "MS+CRF") == 42.2
     assert report.lookup_reported("LOC-BE", "synthetic", "seg_miou") is None
+    # split and protocol: never the number of another split or protocol; "unstated" matches any
+    assert report.lookup_reported("ToCo", "voc", "seg_miou", "MS+CRF", split="val") == 71.1
+    assert report.lookup_reported("ToCo", "voc", "seg_miou", "MS+CRF", split="test") == 72.2
+    assert report.lookup_reported("ToCo", "voc", "seg_miou", "single scale", split="test") is None
+    assert report.lookup_reported("ToCo", "coco", "seg_miou", "single scale", split="val") is None
+    assert report.lookup_reported("LOC-BE", "voc", "seg_miou", "MS+CRF", split="val") == 73.1
+    assert report.lookup_reported("LOC-BE", "voc", "cam_miou", split="train") == 74.2
 
 
 def test_write_panel_width(tmp_path):
