@@ -1,12 +1,20 @@
-"""One full LOC-BE training step (all loss terms active), plain vs fast path (issue 6).
+"""One full LOC-BE training step (all loss terms active): plain path, fast path, fast + bf16 CAMs (issue 6).
 
 Reported per case: images/s, peak memory, and a per-component breakdown (CAM forwards, main
 forward, BE, LOC crops, PAR, regularized loss, backward, optimiser). ViT-B/16 at 448 with the VOC
 preset and 2 images is the acceptance setting; the micro ViT at 128 is the smoke setting.
+
+Timings on a shared machine drift by tens of percent over minutes, so the speed-ups are taken from
+``test_paired_speedup``: the variants run interleaved, round after round, and the ratio of their
+medians is reported. ``fast`` computes the plain step's maths (asserted here and in
+tests/test_step.py); ``fast_cam_bf16`` is the opt-in that runs the no-grad CAM views in bf16 and
+therefore changes the CAMs slightly: its loss difference is recorded, not asserted away.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import time
 
 import pytest
@@ -22,7 +30,9 @@ from locbe.step import step_generator, training_step
 from locbe.train import build_optimizer
 
 CASES = [("vit_micro_patch16", 128, 8), ("vit_base_patch16_224", 448, 2)]
-RESULTS: dict = {}
+VARIANTS = {"plain": {"fast_step": False}, "fast": {"fast_step": True},
+            "fast_cam_bf16": {"fast_step": True, "cam_bf16": True}}
+ROUNDS = {"vit_micro_patch16": 5, "vit_base_patch16_224": 3}  # paired rounds
 
 
 def make_batch(size, b, num_classes=21):
@@ -38,47 +48,101 @@ def make_batch(size, b, num_classes=21):
     return {"image": images, "cls_label": cls_label, "img_box": img_box}
 
 
-def full_step(model, optimizer, batch, step, cfg, fast, par, reg, timings):
-    optimizer.zero_grad(set_to_none=True)
-    out = training_step(model, batch, step, cfg, par=par, reg_loss=reg, generator=step_generator(cfg.seed, step),
-                        fast=fast, timings=timings)
-    t0 = time.perf_counter()
-    out.total.backward()
-    t1 = time.perf_counter()
-    optimizer.step()
-    timings["backward"] = timings.get("backward", 0.0) + t1 - t0
-    timings["optimizer"] = timings.get("optimizer", 0.0) + time.perf_counter() - t1
-    return out
+class StepRunner:
+    """One model, optimiser and batch per backbone; every run starts from the same weights and
+    optimiser state, so every run computes the same step."""
+
+    def __init__(self, backbone, size, b):
+        self.cfg = apply_overrides(get_preset("voc"), [f"backbone=\"{backbone}\"", f"crop_size={size}",
+                                                       f"batch_size={b}"])
+        self.step = self.cfg.max_steps - 1
+        assert {"cls", "seg", "reg", "be", "loc"} <= set(self.cfg.loss_weights(self.step))
+        torch.manual_seed(0)
+        self.model = build_model(backbone, num_classes=self.cfg.num_classes)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.batch = make_batch(size, b)
+        self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.pars = {fast: PAR(low_memory=fast) for fast in (False, True)}
+        self.reg = RegularizedLoss()
+        self.images = b
+        self.warm: set[str] = set()
+
+    def run(self, variant: str, timings: dict[str, float] | None = None):
+        cfg = dataclasses.replace(self.cfg, **VARIANTS[variant])
+        timings = {} if timings is None else timings
+        self.model.load_state_dict(self.state)
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = training_step(self.model, self.batch, self.step, cfg, par=self.pars[cfg.fast_step], reg_loss=self.reg,
+                            generator=step_generator(cfg.seed, self.step), timings=timings)
+        t0 = time.perf_counter()
+        out.total.backward()
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        timings["backward"] = timings.get("backward", 0.0) + t1 - t0
+        timings["optimizer"] = timings.get("optimizer", 0.0) + time.perf_counter() - t1
+        return out
+
+    def warm_up(self, variant: str) -> None:
+        if variant not in self.warm:  # extension load, allocator, first-call overheads
+            self.run(variant)
+            self.warm.add(variant)
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+RUNNERS: dict[str, StepRunner] = {}
+LOSSES: dict[tuple[str, str], float] = {}
+
+
+def runner_for(backbone, size, b) -> StepRunner:
+    if backbone not in RUNNERS:
+        RUNNERS.clear()  # one ViT-B with its optimiser state in memory at a time
+        RUNNERS[backbone] = StepRunner(backbone, size, b)
+    return RUNNERS[backbone]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backbone,size,b", CASES, ids=[c[0] for c in CASES])
-def test_training_step(benchmark, backbone, size, b, fast):
-    cfg = apply_overrides(get_preset("voc"), [f"backbone=\"{backbone}\"", f"crop_size={size}", f"batch_size={b}"])
-    step = cfg.max_steps - 1
-    assert {"cls", "seg", "reg", "be", "loc"} <= set(cfg.loss_weights(step))
-    torch.manual_seed(0)
-    model = build_model(backbone, num_classes=cfg.num_classes)
-    optimizer = build_optimizer(model, cfg)
-    batch = make_batch(size, b)
-    par, reg = PAR(low_memory=fast), RegularizedLoss()
-    rounds = 3 if backbone.startswith("vit_micro") else 2
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def once(timings):
-        model.load_state_dict(state)  # every round computes the same step from the same weights
-        return full_step(model, optimizer, batch, step, cfg, fast, par, reg, timings)
-
-    once({})  # warm-up: extension load, allocator
+def test_training_step(benchmark, backbone, size, b, variant):
+    runner = runner_for(backbone, size, b)
+    runner.warm_up(variant)
+    rounds = 3 if backbone.startswith("vit_micro") else 1
     timings: dict[str, float] = {}
-    benchmark.pedantic(once, args=(timings,), rounds=rounds, iterations=1)
-    out, peak = measure_peak(lambda: once({}))
+    benchmark.pedantic(runner.run, args=(variant, timings), rounds=rounds, iterations=1)
+    out, peak = measure_peak(lambda: runner.run(variant))
     mean = benchmark.stats.stats.mean
-    benchmark.extra_info.update(backbone=backbone, size=size, batch=b, fast=fast, images_per_s=b / mean,
+    benchmark.extra_info.update(backbone=backbone, size=size, batch=b, variant=variant, images_per_s=b / mean,
                                 peak_mb=peak / 2**20,
                                 breakdown_s={k: v / rounds for k, v in sorted(timings.items())})
-    RESULTS[(backbone, fast)] = (mean, out.total.item())
-    if fast and (backbone, False) in RESULTS:
-        plain_mean, plain_loss = RESULTS[(backbone, False)]
-        benchmark.extra_info["speedup_vs_plain"] = plain_mean / mean
-        assert out.total.item() == pytest.approx(plain_loss, rel=1e-4)  # same maths (tests/test_step.py)
+    LOSSES[(backbone, variant)] = out.total.item()
+    plain = LOSSES.get((backbone, "plain"))
+    if variant != "plain" and plain is not None:
+        benchmark.extra_info["loss_rel_diff_vs_plain"] = abs(out.total.item() - plain) / abs(plain)
+        if variant == "fast":
+            assert out.total.item() == pytest.approx(plain, rel=1e-4)  # same maths (tests/test_step.py)
+
+
+@pytest.mark.parametrize("backbone,size,b", CASES, ids=[c[0] for c in CASES])
+def test_paired_speedup(benchmark, backbone, size, b):
+    """The variants interleaved (order rotated every round), so drift hits all of them alike."""
+    runner = runner_for(backbone, size, b)
+    names = list(VARIANTS)
+    for v in names:
+        runner.warm_up(v)
+    seconds: dict[str, list[float]] = {v: [] for v in names}
+
+    def paired():
+        for r in range(ROUNDS[backbone]):
+            for v in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                runner.run(v)
+                seconds[v].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(paired, rounds=1, iterations=1)
+    median = {v: statistics.median(s) for v, s in seconds.items()}
+    benchmark.extra_info.update(
+        backbone=backbone, size=size, batch=b, rounds=ROUNDS[backbone],
+        **{f"{v}_median_s": m for v, m in median.items()},
+        **{f"{v}_images_per_s": b / m for v, m in median.items()},
+        speedup_vs_plain=median["plain"] / median["fast"],
+        speedup_cam_bf16_vs_plain=median["plain"] / median["fast_cam_bf16"],
+        seconds=seconds)
