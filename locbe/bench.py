@@ -41,22 +41,30 @@ TIMING_MALLOC = (32 * 2**20, 256 * 2**20)
 PEAK_MALLOC = (128 * 2**10, 128 * 2**10)
 
 
+_malloc_state: tuple[int, int] | None = None  # what set_malloc last pinned
+
+
 def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
     """Pin glibc's mmap and trim thresholds (no-op returning False where there is no glibc)."""
+    global _malloc_state
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
         libc.malloc_trim(0)
-        return bool(ok)
     except (OSError, AttributeError):
         return False
+    _malloc_state = (mmap_threshold, trim_threshold)
+    return bool(ok)
 
 
 def measure_peak(fn, device: str = "cpu"):
     """Run ``fn()`` and return (result, peak extra bytes over the memory in use before the call).
 
-    On CPU the allocator is switched to ``PEAK_MALLOC`` for the call and back to ``TIMING_MALLOC``
-    afterwards, so measuring memory does not slow down the timings that follow."""
+    On CPU the allocator is switched to ``PEAK_MALLOC`` for the call and back to the pinned state
+    afterwards, so measuring memory does not slow down the timings that follow. After timings in
+    ``TIMING_MALLOC`` the heap may hold free chunks that large blocks of the call reuse and keep
+    resident, so suites whose targets are memory run in ``PEAK_MALLOC`` throughout
+    (``MALLOC_STATE = "peak"`` in the benchmark module, benchmarks/conftest.py)."""
     import torch
 
     if str(device).startswith("cuda"):
@@ -66,6 +74,7 @@ def measure_peak(fn, device: str = "cpu"):
         result = fn()
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - before
+    previous = _malloc_state or TIMING_MALLOC
     set_malloc(*PEAK_MALLOC)
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -74,7 +83,7 @@ def measure_peak(fn, device: str = "cpu"):
         result = fn()
         return result, (_status_kb("VmHWM") - before) * 1024
     finally:
-        set_malloc(*TIMING_MALLOC)
+        set_malloc(*previous)
 
 
 # ----------------------------------------------------------------------------- reporting
