@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 import pytest
 import torch
 
-from locbe.bench import measure_peak
+from locbe.bench import Stopwatch, device_params, measure_peak, synchronized
 from locbe.config import apply_overrides, get_preset
 from locbe.data import normalize
 from locbe.models import build_model
@@ -52,17 +51,18 @@ class StepRunner:
     """One model, optimiser and batch per backbone; every run starts from the same weights and
     optimiser state, so every run computes the same step."""
 
-    def __init__(self, backbone, size, b):
+    def __init__(self, backbone, size, b, device):
         self.cfg = apply_overrides(get_preset("voc"), [f"backbone=\"{backbone}\"", f"crop_size={size}",
                                                        f"batch_size={b}"])
         self.step = self.cfg.max_steps - 1
         assert {"cls", "seg", "reg", "be", "loc"} <= set(self.cfg.loss_weights(self.step))
         torch.manual_seed(0)
-        self.model = build_model(backbone, num_classes=self.cfg.num_classes)
+        self.device = torch.device(device)
+        self.model = build_model(backbone, num_classes=self.cfg.num_classes).to(self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
-        self.batch = make_batch(size, b)
+        self.batch = {k: v.to(self.device) for k, v in make_batch(size, b).items()}
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.pars = {fast: PAR(low_memory=fast) for fast in (False, True)}
+        self.pars = {fast: PAR(low_memory=fast).to(self.device) for fast in (False, True)}
         self.reg = RegularizedLoss()
         self.images = b
         self.warm: set[str] = set()
@@ -75,12 +75,12 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         out = training_step(self.model, self.batch, self.step, cfg, par=self.pars[cfg.fast_step], reg_loss=self.reg,
                             generator=step_generator(cfg.seed, self.step), timings=timings)
-        t0 = time.perf_counter()
-        out.total.backward()
-        t1 = time.perf_counter()
-        self.optimizer.step()
-        timings["backward"] = timings.get("backward", 0.0) + t1 - t0
-        timings["optimizer"] = timings.get("optimizer", 0.0) + time.perf_counter() - t1
+        with Stopwatch(self.device) as backward:
+            out.total.backward()
+        with Stopwatch(self.device) as optimizer:
+            self.optimizer.step()
+        timings["backward"] = timings.get("backward", 0.0) + backward.seconds
+        timings["optimizer"] = timings.get("optimizer", 0.0) + optimizer.seconds
         return out
 
     def warm_up(self, variant: str) -> None:
@@ -89,32 +89,33 @@ class StepRunner:
             self.warm.add(variant)
 
 
-RUNNERS: dict[str, StepRunner] = {}
-LOSSES: dict[tuple[str, str], float] = {}
+RUNNERS: dict[tuple[str, str], StepRunner] = {}
+LOSSES: dict[tuple[str, str, str], float] = {}
 
 
-def runner_for(backbone, size, b) -> StepRunner:
-    if backbone not in RUNNERS:
+def runner_for(backbone, size, b, device) -> StepRunner:
+    if (backbone, device) not in RUNNERS:
         RUNNERS.clear()  # one ViT-B with its optimiser state in memory at a time
-        RUNNERS[backbone] = StepRunner(backbone, size, b)
-    return RUNNERS[backbone]
+        RUNNERS[(backbone, device)] = StepRunner(backbone, size, b, device)
+    return RUNNERS[(backbone, device)]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backbone,size,b", CASES, ids=[c[0] for c in CASES])
-def test_training_step(benchmark, backbone, size, b, variant):
-    runner = runner_for(backbone, size, b)
+@pytest.mark.parametrize("device", device_params())
+def test_training_step(benchmark, device, backbone, size, b, variant):
+    runner = runner_for(backbone, size, b, device)
     runner.warm_up(variant)
-    rounds = 3 if backbone.startswith("vit_micro") else 1
+    rounds = 3 if backbone.startswith("vit_micro") or device == "cuda" else 1
     timings: dict[str, float] = {}
-    benchmark.pedantic(runner.run, args=(variant, timings), rounds=rounds, iterations=1)
-    out, peak = measure_peak(lambda: runner.run(variant))
+    benchmark.pedantic(synchronized(runner.run, device), args=(variant, timings), rounds=rounds, iterations=1)
+    out, peak = measure_peak(lambda: runner.run(variant), device=device)
     mean = benchmark.stats.stats.mean
-    benchmark.extra_info.update(backbone=backbone, size=size, batch=b, variant=variant, images_per_s=b / mean,
-                                peak_mb=peak / 2**20,
+    benchmark.extra_info.update(device=device, backbone=backbone, size=size, batch=b, variant=variant,
+                                images_per_s=b / mean, peak_mb=peak / 2**20,
                                 breakdown_s={k: v / rounds for k, v in sorted(timings.items())})
-    LOSSES[(backbone, variant)] = out.total.item()
-    plain = LOSSES.get((backbone, "plain"))
+    LOSSES[(device, backbone, variant)] = out.total.item()
+    plain = LOSSES.get((device, backbone, "plain"))
     if variant != "plain" and plain is not None:
         benchmark.extra_info["loss_rel_diff_vs_plain"] = abs(out.total.item() - plain) / abs(plain)
         if variant == "fast":
@@ -122,9 +123,11 @@ def test_training_step(benchmark, backbone, size, b, variant):
 
 
 @pytest.mark.parametrize("backbone,size,b", CASES, ids=[c[0] for c in CASES])
-def test_paired_speedup(benchmark, backbone, size, b):
-    """The variants interleaved (order rotated every round), so drift hits all of them alike."""
-    runner = runner_for(backbone, size, b)
+@pytest.mark.parametrize("device", device_params())
+def test_paired_speedup(benchmark, device, backbone, size, b):
+    """The variants interleaved (order rotated every round), so drift hits all of them alike. On a GPU
+    each step is timed with CUDA events."""
+    runner = runner_for(backbone, size, b, device)
     names = list(VARIANTS)
     for v in names:
         runner.warm_up(v)
@@ -133,14 +136,14 @@ def test_paired_speedup(benchmark, backbone, size, b):
     def paired():
         for r in range(ROUNDS[backbone]):
             for v in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                runner.run(v)
-                seconds[v].append(time.perf_counter() - t0)
+                with Stopwatch(device) as watch:
+                    runner.run(v)
+                seconds[v].append(watch.seconds)
 
     benchmark.pedantic(paired, rounds=1, iterations=1)
     median = {v: statistics.median(s) for v, s in seconds.items()}
     benchmark.extra_info.update(
-        backbone=backbone, size=size, batch=b, rounds=ROUNDS[backbone],
+        device=device, backbone=backbone, size=size, batch=b, rounds=ROUNDS[backbone],
         **{f"{v}_median_s": m for v, m in median.items()},
         **{f"{v}_images_per_s": b / m for v, m in median.items()},
         speedup_vs_plain=median["plain"] / median["fast"],

@@ -86,6 +86,66 @@ def measure_peak(fn, device: str = "cpu"):
         set_malloc(*previous)
 
 
+# ----------------------------------------------------------------------------- devices and timing
+def device_params() -> list:
+    """pytest parameters for the benchmarked devices: "cpu", and "cuda" skipped where there is no GPU."""
+    import pytest
+    import torch
+
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
+
+
+def synchronized(fn, device):
+    """``fn`` followed by a CUDA synchronisation on a GPU, so wall-clock timers (pytest-benchmark) see
+    the kernels' time rather than their launch."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+class Stopwatch:
+    """Elapsed seconds of a block: CUDA events on a GPU (the work queued on the current stream),
+    ``time.perf_counter`` on CPU."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds = 0.0
+
+    def __enter__(self):
+        import time
+
+        import torch
+
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000.0
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        return False
+
+
 # ----------------------------------------------------------------------------- reporting
 def load_results(path: Path) -> dict[str, dict]:
     data = json.loads(path.read_text())

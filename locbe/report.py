@@ -61,7 +61,9 @@ def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     env_cols = df[["commit", "config_hash", "seed", "device", "torch", "timm"]].dropna(how="all").drop_duplicates()
-    md += ["## Environment", "", _markdown(env_cols), ""]
+    env_cols = env_cols.assign(seed=env_cols["seed"].astype("Int64"))  # rows without a run made the column float
+    # as text: tabulate would read a commit like 4068e63 or a hash like 1e10 as a number
+    md += ["## Environment", "", _markdown(env_cols, disable_numparse=True), ""]
     if per_class is not None:
         buf = io.StringIO()
         per_class.to_csv(buf, index=False)

@@ -358,6 +358,18 @@ def test_make_row_delta_is_reproduced_minus_reported():
     assert missing["reported"] is None and missing["delta"] is None and missing["reproduced"] == 50.0
 
 
+def test_environment_table_keeps_commits_and_hashes_as_text(tmp_path):
+    env = {**ENV, "commit": "4068e63", "config_hash": "1234e10", "torch": "2.10"}
+    rows = [report.make_row("LOC-BE", "ViT-B/16", "voc", "val", "seg_miou", 0.7, env),
+            report.make_row("LOC-BE", "ViT-B/16", "coco", "val", "seg_miou", None, {}, status="not run")]
+    report.write_tables(tmp_path, rows, None, "Results", [])
+    md = (tmp_path / "results.md").read_text()
+    env_part = md[md.index("## Environment"):]
+    assert "4068e63" in env_part and "1234e10" in env_part and "2.10" in env_part
+    assert "e+" not in env_part
+    assert "| 0 " in env_part and "0.0" not in env_part  # the seed stays an integer next to a row without a run
+
+
 def test_write_tables_markdown_and_csv(tmp_path):
     rows = [report.make_row("LOC-BE", "ViT-B/16", "voc", "val", "seg_miou", 0.7234, ENV, reported=73.1),
             report.make_row("LOC-BE", "ViT-B/16", "voc", "val", "cam_miou", 0.75, ENV, reported=74.2),
