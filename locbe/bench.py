@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from locbe.fileio import atomic_write_text
@@ -123,8 +124,6 @@ class Stopwatch:
         self.seconds = 0.0
 
     def __enter__(self):
-        import time
-
         import torch
 
         if self.cuda:
@@ -135,8 +134,6 @@ class Stopwatch:
         return self
 
     def __exit__(self, *exc):
-        import time
-
         if self.cuda:
             self.end.record()
             self.end.synchronize()

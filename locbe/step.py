@@ -15,6 +15,7 @@ reduction order (tests/test_step.py).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from locbe import cam as camlib
 from locbe import losses
+from locbe.bench import Stopwatch
 from locbe.config import TrainConfig
 from locbe.data import denormalize
 
@@ -43,36 +45,20 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 class _Timer:
-    """Optional per-component wall-clock breakdown for benchmarks (no-op unless given a dict)."""
+    """Optional per-component time breakdown for benchmarks (no-op unless given a dict); CUDA events
+    on a GPU (locbe.bench.Stopwatch)."""
 
     def __init__(self, sink: dict[str, float] | None, device: torch.device):
         self.sink, self.device = sink, device
 
+    @contextmanager
     def __call__(self, name: str):
-        return _TimerSection(self, name)
-
-
-class _TimerSection:
-    def __init__(self, timer: _Timer, name: str):
-        self.timer, self.name = timer, name
-
-    def __enter__(self):
-        if self.timer.sink is not None:
-            import time
-
-            if self.timer.device.type == "cuda":
-                torch.cuda.synchronize(self.timer.device)
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.timer.sink is not None:
-            import time
-
-            if self.timer.device.type == "cuda":
-                torch.cuda.synchronize(self.timer.device)
-            self.timer.sink[self.name] = self.timer.sink.get(self.name, 0.0) + time.perf_counter() - self.t0
-        return False
+        if self.sink is None:
+            yield
+            return
+        with Stopwatch(self.device) as watch:
+            yield
+        self.sink[name] = self.sink.get(name, 0.0) + watch.seconds
 
 
 def training_step(

@@ -107,3 +107,14 @@ def test_cam_bf16_is_plumbed_through_the_step(setup):
         a, b = outs[False].extras[key], outs[True].extras[key]
         assert b.dtype == torch.float32 and not torch.equal(a, b)
     assert outs[True].terms["cls"] == outs[False].terms["cls"]  # the main forward is untouched
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_timings_breakdown_names_every_component(setup, fast):
+    cfg, batch = setup
+    model = build_model(cfg.backbone, num_classes=cfg.num_classes)
+    timings: dict[str, float] = {}
+    training_step(model, batch, 10, cfg, par=PAR(low_memory=fast), reg_loss=RegularizedLoss(),
+                  generator=step_generator(cfg.seed, 10), fast=fast, timings=timings)
+    assert set(timings) == {"cam_forwards", "main_forward", "par", "reg_loss", "be", "loc_crops"}
+    assert all(v > 0 for v in timings.values()), timings
