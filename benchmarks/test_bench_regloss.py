@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locbe.bench import measure_peak
+from locbe.bench import measure_peak, synchronized
 from locbe.regloss import RegularizedLoss, lattice_filter
 from locbe.regloss.reference import serial_lattice_filter
 
@@ -89,12 +89,7 @@ def test_filter_peak_memory_and_agreement(benchmark, b, k, size):
 def test_regloss_cuda(benchmark, k, size):
     data = inputs(2, k, size, device="cuda")
     loss_fn = RegularizedLoss()
-
-    def run():
-        out = fwd_bwd(loss_fn, *data)
-        torch.cuda.synchronize()
-        return out
-
+    run = synchronized(lambda: fwd_bwd(loss_fn, *data), "cuda")
     benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
     _, peak = measure_peak(run, device="cuda")
     benchmark.extra_info.update(backend="cuda", K=k, size=size, peak_mb=peak / 2**20)
