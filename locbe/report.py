@@ -28,12 +28,13 @@ def lookup_reported(method: str, dataset: str, metric: str, protocol: str | None
     number for another split or protocol is never returned."""
     df = reported_numbers()
     sel = df[(df.method == method) & (df.dataset == dataset) & (df.metric == metric) & (df.backbone == "ViT-B/16")]
-    rank = pd.Series(0, index=sel.index)
-    for column, wanted in (("split", split), ("protocol", protocol)):
-        if wanted is not None:
-            sel = sel[sel[column].isin([wanted, "unstated"])]
-            rank = rank.loc[sel.index] + (sel[column] != wanted).astype(int)
-    return float(sel.value.loc[rank.sort_values(kind="stable").index[0]]) if len(sel) else None
+    wanted = {column: value for column, value in (("split", split), ("protocol", protocol)) if value is not None}
+    for column, value in wanted.items():
+        sel = sel[sel[column].isin([value, "unstated"])]
+    if not len(sel):
+        return None
+    inexact = sum((sel[column] != value).astype(int) for column, value in wanted.items())  # 0: no filter given
+    return float(sel.value.loc[inexact.idxmin()] if wanted else sel.value.iloc[0])
 
 
 def make_row(method, backbone, dataset, split, metric, reproduced, env: dict, reported=None, status="ok") -> dict:
