@@ -77,7 +77,6 @@ def training_step(
 
     Multi-process training averages gradients after ``backward`` (locbe.train), so ``model`` is the
     bare network here and may be called any number of times per step."""
-    net = model
     fast = cfg.fast_step if fast is None else fast
     images = batch["image"]
     cls_label = batch["cls_label"].to(images.dtype)
@@ -103,8 +102,8 @@ def training_step(
             reuse = None
             if fast and 1.0 in cfg.cam_scales:
                 with torch.no_grad():
-                    reuse = net.raw_cams(out.patch_tokens, out.aux_tokens)
-            cams, aux_cams = camlib.multiscale_cam(net, images, scales=cfg.cam_scales, unflipped_raw=reuse,
+                    reuse = model.raw_cams(out.patch_tokens, out.aux_tokens)
+            cams, aux_cams = camlib.multiscale_cam(model, images, scales=cfg.cam_scales, unflipped_raw=reuse,
                                                    autocast_dtype=torch.bfloat16 if cfg.cam_bf16 else None)
         extras["cam"], extras["aux_cam"] = cams, aux_cams
     regions = None
@@ -121,7 +120,7 @@ def training_step(
 
     if need_aux_labels:
         aux_label = camlib.patch_labels(aux_cams, cls_label, img_box, grid=out.patch_tokens.shape[-2:],
-                                        patch=net.patch_size, bkg_thre=cfg.bkg_thre, high=cfg.high, low=cfg.low)
+                                        patch=model.patch_size, bkg_thre=cfg.bkg_thre, high=cfg.high, low=cfg.low)
         terms["sc"] = losses.patch_contrast_loss(out.patch_tokens, aux_label)
 
     if need_labels:
@@ -145,7 +144,7 @@ def training_step(
         with timer("be"):
             erased = camlib.erase_for_be(images, regions)
             # the fast path computes only the pooled main-head logits the BE loss reads
-            be_logits = net.classify(erased, pooling="hybrid") if fast else model(erased, pooling="hybrid").cls_logits
+            be_logits = model.classify(erased, pooling="hybrid") if fast else model(erased, pooling="hybrid").cls_logits
             terms["be"] = losses.be_loss(be_logits, cls_label)
 
     if "loc" in weights:
@@ -153,7 +152,7 @@ def training_step(
             boxes = camlib.sample_loc_crops(regions, num_crops=cfg.loc_num_crops, crop_size=cfg.loc_crop_size,
                                             generator=generator)
             crops = camlib.crop_views(images, boxes)
-            local_tokens = _class_tokens(net, crops, fast)
+            local_tokens = _class_tokens(model, crops, fast)
             terms["loc"] = torch.stack(
                 [losses.loc_loss(out.cls_token, tok, cls_label) for tok in local_tokens]).mean()
 
