@@ -110,11 +110,14 @@ def patch_box(img_box: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def patch_labels(aux_cam: torch.Tensor, cls_label: torch.Tensor, img_box: torch.Tensor, grid: tuple[int, int],
-                 patch: int, bkg_thre: float, high: float, low: float) -> torch.Tensor:
-    """Aux pseudo labels (ignore_mid) at patch resolution for the patch-token contrast (sc)."""
+                 patch: int, bkg_thre: float, high: float, low: float, pixel_box: bool = False) -> torch.Tensor:
+    """Aux pseudo labels (ignore_mid) at patch resolution for the patch-token contrast (sc).
+
+    ``pixel_box=True`` is the authors' defect (``fidelity="authors"``): the pixel box cut out of the
+    patch grid as if it were in patch units; otherwise the box is mapped to the grid (:func:`patch_box`)."""
     small = F.interpolate(aux_cam, size=grid, mode="bilinear", align_corners=False)
-    return cam_to_label(small, cls_label, patch_box(img_box, patch), bkg_thre=bkg_thre, high=high, low=low,
-                        ignore_mid=True)
+    box = img_box if pixel_box else patch_box(img_box, patch)
+    return cam_to_label(small, cls_label, box, bkg_thre=bkg_thre, high=high, low=low, ignore_mid=True)
 
 
 # ----------------------------------------------------------------------------- PAR refinement

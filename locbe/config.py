@@ -13,15 +13,17 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 LOSS_TERMS = ("cls", "cls_aux", "sc", "seg", "reg", "be", "loc")
 DATASETS = ("voc", "coco", "synthetic")
+FIDELITIES = ("authors", "fixed")
 
 
 @dataclass(frozen=True)
 class Phase:
-    """Loss weights in force for steps ``n <= until`` (1-based step counter, as the authors count)."""
+    """Loss weights in force for steps ``n_iter <= until``, ``n_iter`` 0-based as the authors' loop counts
+    (``for n_iter in range(max_iters)``): ``until=2000`` is the first 2001 steps."""
 
     until: float
     weights: dict[str, float]
@@ -36,7 +38,7 @@ class Phase:
 
 
 def _voc_phases(seg_start: int = 2000) -> list[Phase]:
-    # method.md: n <= 2000: cls + cls_aux + 1.0*be + 0.3*sc; after: + 0.1*seg + 0.05*reg + 1.0*loc.
+    # method.md: n_iter <= 2000 (0-based): cls + cls_aux + 1.0*be + 0.3*sc; after: + 0.1*seg + 0.05*reg + 1.0*loc.
     # The authors' script reads an undefined `args.seg` after step 2000 (crash); 0.1 is its w_seg default.
     early = {"cls": 1.0, "cls_aux": 1.0, "be": 1.0, "sc": 0.3}
     late = {"cls": 1.0, "cls_aux": 1.0, "sc": 0.3, "seg": 0.1, "reg": 0.05, "be": 1.0, "loc": 1.0}
@@ -91,6 +93,10 @@ class TrainConfig:
     use_sc: bool = True
     use_seg: bool = True
     use_reg: bool = True
+    # --- fidelity to the authors' code (docs/fidelity.md): "authors" reproduces every numbers-changing
+    # behaviour of their code (unmirrored box after the view flip, pixel box on the patch grid, uint8 PAR
+    # input, zero gradients from zero-weighted terms); "fixed" applies locbe's fixes.
+    fidelity: Literal["authors", "fixed"] = "authors"
     # --- run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -106,13 +112,14 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ schedule
     def phase_at(self, step: int) -> Phase:
+        """The phase in force at 0-based ``step`` (the authors' ``n_iter``)."""
         for phase in self.phases:
             if step <= phase.until:
                 return phase
         return self.phases[-1]
 
     def loss_weights(self, step: int) -> dict[str, float]:
-        """Weights of the active loss terms at 1-based ``step`` (switched-off modules removed)."""
+        """Weights of the active loss terms at 0-based ``step`` (switched-off modules removed)."""
         enabled = {"loc": self.use_loc, "be": self.use_be, "sc": self.use_sc, "seg": self.use_seg,
                    "reg": self.use_reg}
         return {k: w for k, w in self.phase_at(step).weights.items() if w != 0 and enabled.get(k, True)}
@@ -126,6 +133,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.low < self.high <= 1:
             raise ValueError(f"need 0 <= low < high <= 1, got low={self.low} high={self.high}")
+        if self.fidelity not in FIDELITIES:
+            raise ValueError(f"fidelity must be one of {FIDELITIES}, got {self.fidelity!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         return self

@@ -3,7 +3,13 @@
 Order follows method.md: multi-scale CAMs (no grad) -> region partition -> main forward ->
 pseudo labels (PAR-refined) -> cls / aux / sc / seg / reg -> BE (erased view, hybrid pooling) ->
 LOC (4 local crops vs the global class token). Terms whose weight is zero in the current phase
-are not computed at all, so the early VOC phase costs what it costs the authors.
+are not computed. The authors compute them and add ``0.0 * term``, so the decoder gets all-zero
+gradients from step 0 and AdamW decays it and advances its moments; ``fidelity="authors"``
+reproduces that optimizer state by giving the decoder zero gradients without the work.
+
+``fidelity`` ("authors" | "fixed", docs/fidelity.md) also picks the PAR input (their uint8-truncated
+image vs the float one) and the box of the patch-contrast labels (their pixel box applied to the
+patch grid vs the box mapped to the grid).
 
 ``fast=True`` computes the same maths with less work: the main forward runs first and its
 (detached) maps serve as the un-flipped scale-1 CAM view, so the multi-scale CAM runs one
@@ -25,7 +31,7 @@ from locbe import cam as camlib
 from locbe import losses
 from locbe.bench import Stopwatch
 from locbe.config import TrainConfig
-from locbe.data import denormalize
+from locbe.data import denormalize, denormalize_uint8
 
 
 @dataclass
@@ -73,11 +79,12 @@ def training_step(
     fast: bool | None = None,
     timings: dict[str, float] | None = None,
 ) -> StepOutput:
-    """Compute the weighted total loss for 1-based ``step``.
+    """Compute the weighted total loss for 0-based ``step`` (the authors' ``n_iter``).
 
     Multi-process training averages gradients after ``backward`` (locbe.train), so ``model`` is the
     bare network here and may be called any number of times per step."""
     fast = cfg.fast_step if fast is None else fast
+    authors = cfg.fidelity == "authors"
     images = batch["image"]
     cls_label = batch["cls_label"].to(images.dtype)
     img_box = batch["img_box"]
@@ -120,14 +127,16 @@ def training_step(
 
     if need_aux_labels:
         aux_label = camlib.patch_labels(aux_cams, cls_label, img_box, grid=out.patch_tokens.shape[-2:],
-                                        patch=model.patch_size, bkg_thre=cfg.bkg_thre, high=cfg.high, low=cfg.low)
+                                        patch=model.patch_size, bkg_thre=cfg.bkg_thre, high=cfg.high, low=cfg.low,
+                                        pixel_box=authors)
         terms["sc"] = losses.patch_contrast_loss(out.patch_tokens, aux_label)
 
     if need_labels:
         with timer("par"):
             source = aux_cams if cfg.phase_at(step).label_source == "aux" else cams
+            par_images = denormalize_uint8(images) if authors else denormalize(images)
             pseudo = camlib.refine_cams_with_par(
-                par, denormalize(images), source, cls_label, img_box, high=cfg.high, low=cfg.low, batched=fast)
+                par, par_images, source, cls_label, img_box, high=cfg.high, low=cfg.low, batched=fast)
         extras["pseudo_label"] = pseudo
         seg_logits = F.interpolate(out.seg_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if "seg" in weights:
@@ -157,6 +166,9 @@ def training_step(
                 [losses.loc_loss(out.cls_token, tok, cls_label) for tok in local_tokens]).mean()
 
     total = sum(weights[k] * v for k, v in terms.items() if k in weights)
+    if authors and not any(k in weights for k in ("seg", "reg")):
+        # their `+ 0.0 * seg + 0.0 * reg`: all-zero decoder gradients (not None), at no cost
+        total = total + 0.0 * sum(p.sum() for p in model.decoder.parameters() if p.requires_grad)
     return StepOutput(total=total, terms={k: v.detach() for k, v in terms.items()}, weights=weights,
                       extras=extras)
 

@@ -80,16 +80,22 @@ def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
 
 
 def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Mean of every gradient over ranks, one flat all-reduce (what DDP computes, minus its overlap)."""
+    """Mean of every gradient over ranks, one flat all-reduce (what DDP computes, minus its overlap).
+
+    A None gradient stays None (AdamW then skips that parameter, as in one process): zero-filling it
+    would let AdamW decay parameters that never entered the loss, so runs would depend on the number
+    of processes. Every rank computes the same step graph, so every rank has the same None set."""
     if world_size == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size
     offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
+    for p in params:
+        n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
 
@@ -308,12 +314,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
             for batch in epoch_batches(dataset, cfg, info, epoch, skip):
                 if step >= stop_at:
                     break
-                n = step + 1  # the authors' 1-based step counter
+                n = step + 1  # steps done after this one
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 lr = set_lr(optimizer, step, cfg)
-                with autocast:
-                    out = training_step(net, batch, n, cfg, par=par, reg_loss=reg_loss,
-                                        generator=step_generator(cfg.seed, n, info.rank))
+                with autocast:  # schedule, LR and crop draws all use the authors' 0-based n_iter = step
+                    out = training_step(net, batch, step, cfg, par=par, reg_loss=reg_loss,
+                                        generator=step_generator(cfg.seed, step, info.rank))
                 if not torch.isfinite(out.total):
                     terms = {k: float(v) for k, v in out.terms.items()}
                     if info.is_main:

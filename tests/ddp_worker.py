@@ -47,7 +47,7 @@ def main(root: str, out: str) -> None:
                             generator=step_generator(cfg.seed, step, info.rank))
         out.total.backward()
         average_gradients(params, info.world_size)
-        grads[key] = {n: p.grad.clone() for n, p in net.named_parameters()}
+        grads[key] = {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
     if info.is_main:
         torch.save(grads, out_dir / "grads.pth")
 

@@ -49,8 +49,11 @@ def id_image(h: int, w: int):
     return Image.fromarray(rgb), Image.fromarray(mask), ids
 
 
-def geometric(crop: int, scale: float = 1.0, flip: bool = True) -> AugmentConfig:
-    return AugmentConfig(crop_size=crop, scale_range=(scale, scale), flip=flip, photometric=False)
+def geometric(crop: int, scale: float = 1.0, flip: bool = True, mirror_box: bool = True) -> AugmentConfig:
+    """No photometric ops; both flips on (``flip``); the box mirrored with the second flip unless
+    ``mirror_box=False`` (the authors' defect)."""
+    return AugmentConfig(crop_size=crop, scale_range=(scale, scale), flip=flip, view_flip=flip,
+                         mirror_box=mirror_box, photometric=False)
 
 
 def box_mask(box, crop: int) -> np.ndarray:
@@ -61,12 +64,12 @@ def box_mask(box, crop: int) -> np.ndarray:
 
 
 def check_padding(out, m, box, crop):
-    """Outside img_box: image exactly 0 (mean colour after normalisation), mask 255; returns the box mask."""
+    """Outside img_box: image black (0 in 0..255 before normalisation), mask 255; returns the box mask."""
     assert out.shape == (crop, crop, 3) and m.shape == (crop, crop) and tuple(box.shape) == (4,)
     y0, y1, x0, x1 = (int(v) for v in box)
     assert 0 <= y0 < y1 <= crop and 0 <= x0 < x1 <= crop
     valid = box_mask(box, crop)
-    assert np.all(out[~valid] == 0)
+    assert np.all(to_uint8(out[~valid]) == 0)
     assert np.all(m[~valid] == 255)
     return valid
 
@@ -173,6 +176,53 @@ def test_augment_geometry_any_size(h, w, crop, scale, seed):
         hi = np.array([coord[coord * 3 // size == r].max() for r in range(3)])
         assert np.all(est >= lo[region_of] - tol), "image and mask disagree on position"
         assert np.all(est <= hi[region_of] + tol), "image and mask disagree on position"
+
+
+def _id_crop(seed: int, mirror_box: bool, h: int = 20, w: int = 14, crop: int = 32):
+    img, mask, _ = id_image(h, w)
+    out, m, box = augment(img, mask, geometric(crop, mirror_box=mirror_box), np.random.default_rng(seed))
+    real = to_uint8(out)[..., 2] == 7  # every image pixel has blue 7; the padding is black
+    return real, m, box, crop
+
+
+def test_authors_box_is_not_mirrored_by_the_view_flip():
+    """fidelity="authors": the second flip (inside global_view1) moves the pixels but not the box, so for
+    some seeds the box names padding; the fix mirrors it. Same draws in both modes."""
+    moved = 0
+    for seed in range(24):
+        real_a, m_a, box_a, crop = _id_crop(seed, mirror_box=False)
+        real_f, m_f, box_f, _ = _id_crop(seed, mirror_box=True)
+        assert np.array_equal(real_a, real_f) and np.array_equal(m_a, m_f)
+        assert np.array_equal(real_f, box_mask(box_f, crop))  # the fixed box is exactly the image pixels
+        assert np.array_equal(m_f != 255, real_f)  # the mask follows the pixels in both modes
+        if not np.array_equal(box_a, box_f):
+            y0, y1, x0, x1 = (int(v) for v in box_a)
+            assert [y0, y1, crop - x1, crop - x0] == [int(v) for v in box_f]
+            assert not np.array_equal(real_a, box_mask(box_a, crop))
+            moved += 1
+    assert 0 < moved < 24
+
+
+def test_padding_is_black_and_seen_by_the_photometric_steps():
+    """Black pixels are padded BEFORE the photometric steps: blur bleeds the image into the padding and
+    brightness scales it (still black); with photometric steps off the padding is exactly black."""
+    img = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
+    plain = AugmentConfig(crop_size=40, scale_range=(1.0, 1.0), flip=False, view_flip=False, photometric=False)
+    blur = AugmentConfig(crop_size=40, scale_range=(1.0, 1.0), flip=False, view_flip=False, jitter_p=0.0,
+                         grayscale_p=0.0, blur_p=1.0, blur_radius=(2.0, 2.0))
+    out, _, box = augment(img, None, plain, np.random.default_rng(1))
+    outside = ~box_mask(box, 40)
+    assert np.all(to_uint8(out[outside]) == 0)
+    out_b, _, box_b = augment(img, None, blur, np.random.default_rng(1))
+    assert np.array_equal(box_b, box)
+    y0, y1, x0, x1 = (int(v) for v in box)
+    ring = np.zeros((40, 40), dtype=bool)  # the padding pixels touching the image
+    ring[max(y0 - 1, 0):y1 + 1, max(x0 - 1, 0):x1 + 1] = True
+    ring &= outside
+    assert ring.any()
+    px = to_uint8(out_b)
+    assert np.all(px[ring] > 0), "blur did not see the padding"
+    assert px[box_mask(box, 40)].mean() < 200  # the black border darkens the image's edge
 
 
 def test_augment_rescale_changes_size():

@@ -143,7 +143,7 @@ def test_torchrun_two_processes_match_single_process_gradients(synthetic_root, t
         net.zero_grad(set_to_none=True)
         training_step(net, batch, step, cfg, par=par, reg_loss=reg,
                       generator=step_generator(cfg.seed, step, rank)).total.backward()
-        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in net.named_parameters()}
+        return {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
 
     ddp = torch.load(out / "grads.pth", weights_only=True)
     # (a) step 1: cls + cls_aux + be (sc off for this check: it is batch-coupled)
@@ -152,9 +152,24 @@ def test_torchrun_two_processes_match_single_process_gradients(synthetic_root, t
     # (b) step 3: every term
     cfg = dataclasses.replace(cfg, use_sc=True)
     halves = [grads([items[r]], 3, r) for r in range(2)]
+    for key in ("a", "b"):  # a None gradient stays None under torchrun (AdamW must skip it there too)
+        assert {n for n, g in ddp[key].items() if g is None} == {n for n, g in ref.items() if g is None}
+    assert {n for n, g in ref.items() if g is None} == {"encoder.pos_embed", "encoder.head.weight",
+                                                        "encoder.head.bias", "attn_proj.weight", "attn_proj.bias"}
+    ref = {n: g for n, g in ref.items() if g is not None}
     for name in ref:
         # float32 sums in another order (batch of 2 vs 2 x batch of 1, then all-reduce): ~1e-6 relative
         torch.testing.assert_close(ddp["a"][name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(ddp["b"][name], (halves[0][name] + halves[1][name]) / 2, rtol=1e-4, atol=1e-6,
                                    msg=name)
     assert (out / "run" / "checkpoints" / "final.pth").exists()  # `locbe train` under torchrun completed
+    # the same run in one process leaves the optimizer in the same state: the same parameters have
+    # AdamW state (decoder included: all-zero gradients in the warm-up), with the same step counts
+    single = train(tiny_config(synthetic_root, tmp_path / "single", batch_size=2, max_steps=2), progress=False)
+    states = [torch.load(path, weights_only=False)["optimizer"]
+              for path in (out / "run" / "checkpoints" / "final.pth", single.checkpoint)]
+    steps = [{k: float(v["step"]) for k, v in st["state"].items()} for st in states]
+    assert steps[0] == steps[1] and set(steps[0].values()) == {2.0}
+    assert [g["params"] for g in states[0]["param_groups"]] == [g["params"] for g in states[1]["param_groups"]]
+    n_params = sum(len(g["params"]) for g in states[0]["param_groups"])
+    assert len(steps[0]) == n_params - 2  # all but the never-run encoder.head weight and bias got a gradient

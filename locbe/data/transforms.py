@@ -1,13 +1,16 @@
-"""Train augmentation (method.md "Data") with the valid box ``img_box``.
+"""Train augmentation (method.md "Data", "The authors' code, exactly") with the valid box ``img_box``.
 
-Order: random rescale (0.5-2.0; bilinear image, nearest mask) -> horizontal flip -> photometric ops
-on the image content (colour jitter p=0.8, grayscale p=0.2, Gaussian blur radius U(0.1, 2.0) p=1) ->
-ImageNet normalisation -> pad (image 0 = the mean colour in normalised space, mask 255) and crop to
-``crop_size`` at random offsets, recording ``img_box = (y0, y1, x0, x1)`` of the valid pixels.
+Order, as the authors' ``VOC12ClsDataset``: random rescale (0.5-2.0; bilinear image, nearest mask) ->
+horizontal flip (image and mask) -> pad with BLACK uint8 pixels (mask 255) and crop to ``crop_size``
+at random offsets, recording ``img_box = (y0, y1, x0, x1)`` of the valid pixels -> ``global_view1``:
+a second horizontal flip (p=0.5), colour jitter p=0.8, grayscale p=0.2, Gaussian blur radius
+U(0.1, 2.0) p=1 -> ImageNet normalisation.
 
-Photometric ops run before padding so that blur and contrast see only real pixels; the padding is
-inert (0 after normalisation), as the authors' pad value is. Every random draw comes from the
-``numpy.random.Generator`` passed in, so an item is a pure function of (seed, epoch, index).
+The photometric steps see the black padding (jitter shifts it, blur bleeds it into the border), as
+theirs do. The second flip runs after the box was recorded and the authors do not mirror the box
+(a defect that moves the box off the image when it does not span the full width):
+``AugmentConfig.mirror_box=True`` (``fidelity="fixed"``) mirrors it. Every random draw comes from
+the ``numpy.random.Generator`` passed in, so an item is a pure function of (seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class AugmentConfig:
     grayscale_p: float = 0.2
     blur_radius: tuple[float, float] = (0.1, 2.0)
     blur_p: float = 1.0
+    view_flip: bool = True  # the h-flip inside the authors' global_view1, after the box is recorded
+    mirror_box: bool = False  # False = the authors' box, not mirrored by that flip; True = the fix
 
 
 def rescale(image: Image.Image, mask: Image.Image | None, scale: float):
@@ -62,7 +67,8 @@ def photometric(image: Image.Image, cfg: AugmentConfig, rng: np.random.Generator
 
 
 def pad_and_crop(image: np.ndarray, mask: np.ndarray | None, crop_size: int, rng: np.random.Generator):
-    """Place the image at a random offset in a (max(S,h), max(S,w)) canvas, then take a random S x S window."""
+    """Place the image at a random offset in a (max(S,h), max(S,w)) zero (black) canvas, then take a
+    random S x S window."""
     h, w = image.shape[:2]
     big_h, big_w = max(crop_size, h), max(crop_size, w)
     pad_y = int(rng.integers(big_h - h + 1))
@@ -82,14 +88,28 @@ def pad_and_crop(image: np.ndarray, mask: np.ndarray | None, crop_size: int, rng
     return out_image, out_mask, box
 
 
+def mirror_box(box: np.ndarray, width: int) -> np.ndarray:
+    """The valid box after a horizontal flip of a ``width``-wide crop."""
+    y0, y1, x0, x1 = (int(v) for v in box)
+    return np.array([y0, y1, width - x1, width - x0], dtype=np.int64)
+
+
 def augment(image: Image.Image, mask: Image.Image | None, cfg: AugmentConfig, rng: np.random.Generator):
     """-> (normalised float32 (S, S, 3), int64 mask (S, S) or None, img_box int64 (4,))."""
     image, mask = rescale(image, mask, float(rng.uniform(*cfg.scale_range)))
     if cfg.flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if mask is not None else None
-    if cfg.photometric:
-        image = photometric(image, cfg, rng)
-    arr = normalize(np.asarray(image, dtype=np.float32) / 255.0)
     m = np.asarray(mask, dtype=np.int64) if mask is not None else None
-    return pad_and_crop(arr, m, cfg.crop_size, rng)
+    arr, m, box = pad_and_crop(np.asarray(image.convert("RGB"), dtype=np.uint8), m, cfg.crop_size, rng)
+    # global_view1: flip (the box stays put unless mirror_box), then the photometric steps on the padded crop
+    if cfg.view_flip and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+        m = m[:, ::-1] if m is not None else None
+        if cfg.mirror_box:
+            box = mirror_box(box, arr.shape[1])
+    view = Image.fromarray(np.ascontiguousarray(arr))
+    if cfg.photometric:
+        view = photometric(view, cfg, rng)
+    out = normalize(np.asarray(view, dtype=np.float32) / 255.0)
+    return out, (np.ascontiguousarray(m) if m is not None else None), box

@@ -121,6 +121,9 @@ class LOCBENet(nn.Module):
             img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
             num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, num_classes=1000,
             dynamic_img_size=True, **cfg.extra)
+        # the authors freeze the position embedding at its pretrained value (requires_grad=False): no
+        # gradient, no weight decay, for the whole run; the class token trains
+        self.encoder.pos_embed.requires_grad_(False)
         dim = cfg.embed_dim
         # kept for checkpoint compatibility: the authors' 1x1 conv over the last two blocks' attention
         # maps (2 x 12 heads); its output never enters a loss, so it is not computed.
@@ -197,10 +200,12 @@ class LOCBENet(nn.Module):
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict]:
         """method.md: encoder weights and encoder norms at the base lr; classifiers and decoder at 10x.
-        (Same weight decay everywhere, as the spec states.)"""
+        (Same weight decay everywhere, as the spec states.) Frozen parameters (the position embedding)
+        are in no group, so no optimizer ever decays them."""
         enc_weights, enc_norms = [], []
         for name, p in self.encoder.named_parameters():
-            (enc_norms if "norm" in name else enc_weights).append(p)
+            if p.requires_grad:
+                (enc_norms if "norm" in name else enc_weights).append(p)
         heads = [self.classifier.weight, self.aux_classifier.weight]
         return [
             {"name": "encoder", "params": enc_weights, "lr_mult": 1.0},
