@@ -129,6 +129,7 @@ def training_step(
         aux_label = camlib.patch_labels(aux_cams, cls_label, img_box, grid=out.patch_tokens.shape[-2:],
                                         patch=model.patch_size, bkg_thre=cfg.bkg_thre, high=cfg.high, low=cfg.low,
                                         pixel_box=authors)
+        extras["aux_patch_label"] = aux_label
         terms["sc"] = losses.patch_contrast_loss(out.patch_tokens, aux_label)
 
     if need_labels:

@@ -251,8 +251,11 @@ def build_train_dataset(cfg: TrainConfig):
     if cfg.data_root is None:
         raise ValueError(f"--data-root is required for dataset {cfg.dataset!r} "
                          "(e.g. VOCdevkit/VOC2012; `locbe make-synthetic --out DIR` makes a small one)")
+    from locbe.data.transforms import AugmentConfig
+
+    augment_cfg = AugmentConfig(crop_size=cfg.crop_size, mirror_box=cfg.fidelity == "fixed")
     return build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, train=True, crop_size=cfg.crop_size,
-                         num_classes=cfg.num_classes, seed=cfg.seed)
+                         num_classes=cfg.num_classes, seed=cfg.seed, augment_cfg=augment_cfg)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -407,6 +410,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-workers", type=int)
     p.add_argument("--backbone")
+    p.add_argument("--fidelity", choices=["authors", "fixed"],
+                   help="'authors' (every preset's default) reproduces the numbers-changing behaviour of the "
+                        "authors' code; 'fixed' applies locbe's fixes (docs/fidelity.md)")
     p.add_argument("--no-loc", action="store_true", help="switch LOC off")
     p.add_argument("--no-be", action="store_true", help="switch BE off")
     p.add_argument("--no-sc", action="store_true", help="switch the patch-token contrast off")
@@ -425,7 +431,8 @@ def config_from_args(args) -> TrainConfig:
     cfg = get_preset(args.preset)
     mapping = {"data_root": args.data_root, "pretrained": args.pretrained, "out_dir": args.out,
                "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": args.seed,
-               "device": args.device, "num_workers": args.num_workers, "backbone": args.backbone}
+               "device": args.device, "num_workers": args.num_workers, "backbone": args.backbone,
+               "fidelity": args.fidelity}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in mapping.items() if v is not None})
     for flag, name in (("no_loc", "use_loc"), ("no_be", "use_be"), ("no_sc", "use_sc"), ("no_reg", "use_reg")):
         if getattr(args, flag):

@@ -14,13 +14,16 @@ VOC_EARLY = {"cls": 1.0, "cls_aux": 1.0, "be": 1.0, "sc": 0.3}
 VOC_LATE = {"cls": 1.0, "cls_aux": 1.0, "sc": 0.3, "seg": 0.1, "reg": 0.05, "be": 1.0, "loc": 1.0}
 
 
-@pytest.mark.parametrize("step,expected", [(1, VOC_EARLY), (2000, VOC_EARLY), (2001, VOC_LATE), (20000, VOC_LATE)])
+# 0-based steps, as the authors' `for n_iter in range(max_iters)` with `n_iter <= 2000`: 2001 warm-up steps
+@pytest.mark.parametrize("step,expected", [(0, VOC_EARLY), (1999, VOC_EARLY), (2000, VOC_EARLY), (2001, VOC_LATE),
+                                           (19999, VOC_LATE)])
 def test_voc_schedule(step, expected):
     assert get_preset("voc").loss_weights(step) == expected
 
 
 def test_coco_schedule():
     cfg = get_preset("coco")
+    assert cfg.loss_weights(0) == {"cls": 1.0, "cls_aux": 1.0}
     assert cfg.loss_weights(8000) == {"cls": 1.0, "cls_aux": 1.0}
     assert cfg.loss_weights(8001) == {"cls": 1.0, "cls_aux": 1.0, "seg": 0.1, "reg": 0.05}
     assert cfg.phase_at(12000).label_source == "aux"

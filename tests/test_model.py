@@ -554,3 +554,69 @@ def test_load_pretrained_encoder_prefixed_and_other_grid(tmp_path):
     assert torch.equal(dst.encoder.pos_embed[:, 0], vit.pos_embed[:, 0])
     assert torch.equal(dst.encoder.blocks[5].mlp.fc2.weight, vit.blocks[5].mlp.fc2.weight)
     assert torch.equal(dst.encoder.head.weight, vit.head.weight)
+
+
+def _to_jax_layout(vit) -> dict:
+    """A timm ViT's weights written out in the original JAX checkpoint layout (`ViT-B_16.npz`), by hand:
+    HWIO patch kernel, per-head q/k/v kernels (D, heads, head_dim), transposed dense kernels."""
+    import numpy as np
+
+    d, heads = vit.embed_dim, vit.blocks[0].attn.num_heads
+    hd = d // heads
+    a = lambda t: t.detach().numpy().astype(np.float32)
+    out = {
+        "embedding/kernel": a(vit.patch_embed.proj.weight.permute(2, 3, 1, 0)),
+        "embedding/bias": a(vit.patch_embed.proj.bias),
+        "cls": a(vit.cls_token),
+        "Transformer/posembed_input/pos_embedding": a(vit.pos_embed),
+        "Transformer/encoder_norm/scale": a(vit.norm.weight),
+        "Transformer/encoder_norm/bias": a(vit.norm.bias),
+        "head/kernel": a(vit.head.weight.t()),
+        "head/bias": a(vit.head.bias),
+    }
+    for i, blk in enumerate(vit.blocks):
+        p = f"Transformer/encoderblock_{i}/"
+        out[p + "LayerNorm_0/scale"], out[p + "LayerNorm_0/bias"] = a(blk.norm1.weight), a(blk.norm1.bias)
+        out[p + "LayerNorm_2/scale"], out[p + "LayerNorm_2/bias"] = a(blk.norm2.weight), a(blk.norm2.bias)
+        qkv_w, qkv_b = blk.attn.qkv.weight.chunk(3, dim=0), blk.attn.qkv.bias.chunk(3, dim=0)
+        for name, w, b in zip(("query", "key", "value"), qkv_w, qkv_b):
+            out[p + f"MultiHeadDotProductAttention_1/{name}/kernel"] = a(w.t().reshape(d, heads, hd))
+            out[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = a(b.reshape(heads, hd))
+        out[p + "MultiHeadDotProductAttention_1/out/kernel"] = a(blk.attn.proj.weight.t().reshape(heads, hd, d))
+        out[p + "MultiHeadDotProductAttention_1/out/bias"] = a(blk.attn.proj.bias)
+        for j, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):
+            out[p + f"MlpBlock_3/Dense_{j}/kernel"] = a(fc.weight.t())
+            out[p + f"MlpBlock_3/Dense_{j}/bias"] = a(fc.bias)
+    return out
+
+
+def test_load_pretrained_encoder_jax_npz(tmp_path):
+    """The original JAX `ViT-B_16.npz` layout (the authors' `jx_vit_base_p16_224` weights started as one)
+    loads into the encoder tensor for tensor, and the network computes what the source ViT computes."""
+    import numpy as np
+
+    src = _micro(seed=31).encoder.eval()
+    np.savez(tmp_path / "ViT-micro.npz", **_to_jax_layout(src))
+    dst = _micro(seed=32)
+    assert not torch.equal(dst.encoder.blocks[2].attn.qkv.weight, src.blocks[2].attn.qkv.weight)
+    assert load_pretrained_encoder(dst, tmp_path / "ViT-micro.npz").ok
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(dst.encoder.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.encoder.eval().forward_features(x), src.forward_features(x))
+
+
+def test_load_pretrained_encoder_authors_file_layout(tmp_path):
+    """The authors' `jx_vit_base_p16_224-80ecf9dd.pth` (timm `vit_base_patch16_224.orig_in21k_ft_in1k`) is a
+    plain timm state dict with a 1000-way head: every key, the head included, loads."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(41)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0,
+                            qkv_bias=True, num_classes=1000)
+    torch.save(vit.state_dict(), tmp_path / "jx_vit_micro_p16_224.pth")
+    dst = _micro(seed=42)
+    load_pretrained_encoder(dst, tmp_path / "jx_vit_micro_p16_224.pth")
+    for k, v in vit.state_dict().items():
+        assert torch.equal(dst.encoder.state_dict()[k], v), k

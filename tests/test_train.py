@@ -14,7 +14,7 @@ import torch
 
 from locbe.cli import main as cli
 from locbe.config import apply_overrides, get_preset
-from locbe.train import NonFiniteLossError, train
+from locbe.train import NonFiniteLossError, lr_multiplier, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 def tiny_config(root: Path, out: Path, **overrides):
-    """Micro ViT, 64 px crops, every loss term active from step 3 on (seg_start=2)."""
+    """Micro ViT, 64 px crops, every loss term active from 0-based step 3 on (warm-up n_iter <= 2)."""
     cfg = get_preset("smoke")
     cfg = apply_overrides(cfg, [
         f"data_root={json.dumps(str(root))}", f"out_dir={json.dumps(str(out))}",
@@ -54,6 +54,33 @@ def test_training_runs_all_terms_and_decreases_loss(synthetic_root, tmp_path):
     assert result.checkpoint.name == "final.pth" and result.checkpoint.exists()
     env = json.loads((tmp_path / "run" / "env.json").read_text())
     assert env["seed"] == cfg.seed and env["torch"] == torch.__version__ and env["config_hash"]
+
+
+def test_phase_boundary_is_zero_based_in_the_loop(synthetic_root, tmp_path):
+    """The loop hands training_step the authors' 0-based n_iter: with the warm-up at n_iter <= 2 the
+    first three steps (log rows 1-3) have no seg / reg, the fourth has them. In the warm-up the
+    decoder still gets AdamW state (fidelity "authors": all-zero gradients, as their 0.0 * seg)."""
+    cfg = tiny_config(synthetic_root, tmp_path / "run", max_steps=4)
+    train(cfg, progress=False)
+    rows = read_log(tmp_path / "run")
+    assert [("seg" in r, "reg" in r) for r in rows] == [(False, False)] * 3 + [(True, True)]
+    three = train(dataclasses.replace(cfg, max_steps=3, out_dir=str(tmp_path / "three")), progress=False)
+    fixed = train(dataclasses.replace(cfg, max_steps=3, fidelity="fixed", out_dir=str(tmp_path / "fixed")),
+                  progress=False)
+    authors, fixed = (torch.load(r.checkpoint, weights_only=False) for r in (three, fixed))
+    decoder_group = next(g for g in authors["optimizer"]["param_groups"] if g["name"] == "decoder")
+    assert all(float(authors["optimizer"]["state"][i]["step"]) == 3 for i in decoder_group["params"])
+    assert not any(i in fixed["optimizer"]["state"] for i in decoder_group["params"])  # None: no AdamW state
+    # same seed, same initial decoder; "fixed" never touched it, "authors" applied AdamW's decoupled decay
+    # alone (a zero gradient gives a zero Adam update): w3 = w0 * prod_t (1 - lr_t * weight_decay)
+    shrink, run_cfg = 1.0, dataclasses.replace(cfg, max_steps=3)
+    for t in range(3):
+        shrink *= 1 - cfg.lr * decoder_group["lr_mult"] * lr_multiplier(t, run_cfg) * cfg.weight_decay
+    names = [n for n in authors["model"] if n.startswith("decoder.")]
+    assert names
+    for n in names:
+        torch.testing.assert_close(authors["model"][n], fixed["model"][n] * shrink, rtol=1e-6, atol=0)
+        assert not torch.equal(authors["model"][n], fixed["model"][n])
 
 
 def test_resume_is_bitwise_identical(synthetic_root, tmp_path, monkeypatch):

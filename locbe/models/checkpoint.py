@@ -13,9 +13,10 @@ import torch
 # ToCo's network has no attn_proj; its checkpoints load into ours with these keys left at init.
 OPTIONAL_KEYS = ("attn_proj.weight", "attn_proj.bias")
 
-PRETRAINED_HINT = ("locbe never downloads weights: save ImageNet-21k ViT-B/16 weights to a local file, e.g. the "
-                   "original JAX 'ViT-B_16.npz', or timm's 'vit_base_patch16_224.augreg_in21k_ft_in1k' saved with "
-                   "torch.save(model.state_dict(), 'vit_b16.pth') or safetensors, and pass --pretrained PATH")
+PRETRAINED_HINT = ("locbe never downloads weights: save ImageNet-21k ViT-B/16 weights to a local file: the authors' "
+                   "'jx_vit_base_p16_224-80ecf9dd.pth' (= timm 'vit_base_patch16_224.orig_in21k_ft_in1k', saved "
+                   "with torch.save(model.state_dict(), 'vit_b16.pth') or safetensors) or the original JAX "
+                   "'ViT-B_16.npz', and pass --pretrained PATH")
 
 
 @dataclass
