@@ -18,7 +18,8 @@ from locbe.config import TrainConfig, apply_overrides, get_preset
 
 NOT_COMPARABLE = "not comparable to the paper: synthetic data, micro ViT from scratch"
 ABLATIONS = {"baseline (ToCo)": dict(use_loc=False, use_be=False), "+LOC": dict(use_be=False),
-             "+BE": dict(use_loc=False), "full (LOC-BE)": {}}
+             "+BE": dict(use_loc=False), "full (LOC-BE)": {},
+             "authors' defects fixed (full, fidelity=fixed)": dict(fidelity="fixed")}
 
 
 def _stage_train(cfg: TrainConfig, progress: bool) -> Path:
@@ -125,9 +126,9 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
                                         "--data-root DIR)"))
     if ablation:
         for name, switches in ABLATIONS.items():
+            slug = name.split()[0].strip("+'").lower()
             acfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).parent / f"{Path(cfg.out_dir).name}-"
-                                                       f"ablation-{name.split()[0].strip('+').lower()}"),
-                                       **switches)
+                                                       f"ablation-{slug}"), **switches)
             ck = _stage_train(acfg, progress)
             res = _stage_eval(ck, acfg, acfg.val_split, "val_single", progress)
             rows.append(make_row(f"ablation: {name}", bb, ds, "val", "seg mIoU (single scale)", res["seg"]["miou"],
@@ -141,7 +142,8 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     notes = ["Synthetic VOC-layout data made by `locbe make-synthetic`; a health check of the pipeline, "
              "not a reproduction of the paper.",
              f"seg mIoU (single scale) / best trivial baseline = {ratio:.2f} (acceptance: >= 2).",
-             f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}.",
+             f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}; "
+             f"fidelity={cfg.fidelity} (docs/fidelity.md).",
              "Panels (image | CAM | region partition | pseudo label | prediction | ground truth): `panels/*.png`."]
     out_dir = reports / cfg.preset
     write_tables(out_dir, rows, per_class, f"locbe reproduce: {cfg.preset}", notes)

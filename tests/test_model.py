@@ -448,13 +448,15 @@ def test_param_groups_lr_multipliers(micro):
     members = {g: [names[id(p)] for p in groups[g]["params"]] for g in groups}
     flat = [n for ns in members.values() for n in ns]
     assert len(flat) == len(set(flat))  # no parameter in two groups
-    expected = {n for n in names.values() if not n.startswith("attn_proj.")}  # attn_proj never enters a loss
+    # attn_proj never enters a loss; the position embedding is frozen, as in the authors' network
+    expected = {n for n in names.values() if not n.startswith("attn_proj.") and n != "encoder.pos_embed"}
     assert set(flat) == expected
+    assert not micro.encoder.pos_embed.requires_grad and micro.encoder.cls_token.requires_grad
     assert set(members["classifiers"]) == {"classifier.weight", "aux_classifier.weight"}
     assert set(members["decoder"]) == {f"decoder.conv{i}.weight" for i in (6, 7, 8)}
     assert all(n.startswith("encoder.") for n in members["encoder"] + members["encoder_norm"])
     assert "encoder.norm.weight" in members["encoder_norm"] and "encoder.blocks.0.norm1.bias" in members["encoder_norm"]
-    assert "encoder.blocks.0.attn.qkv.weight" in members["encoder"] and "encoder.pos_embed" in members["encoder"]
+    assert "encoder.blocks.0.attn.qkv.weight" in members["encoder"] and "encoder.cls_token" in members["encoder"]
     assert all("norm" not in n for n in members["encoder"])
     # usable as an optimizer spec: base lr times multiplier
     opt = torch.optim.AdamW([{"params": g["params"], "lr": 6e-5 * g["lr_mult"]} for g in groups.values()])

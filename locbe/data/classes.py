@@ -51,7 +51,7 @@ def normalize(image_01: np.ndarray | torch.Tensor):
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised -> [0, 1] (not clamped: padded pixels map to the mean colour)."""
+    """(B, 3, H, W) normalised -> [0, 1] (not clamped; the black crop padding maps back to 0)."""
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return images * std + mean
