@@ -265,6 +265,43 @@ def test_patch_labels_fix_the_authors_box_defect():
     assert torch.equal(lab[0], want)
 
 
+def test_patch_labels_reproduce_the_authors_box_defect():
+    """fidelity="authors": the pixel box sliced out of the patch grid, as their
+    `pseudo_label[i, y0:y1, x0:x1] = ...` on the (h/16, w/16) map does (numpy slicing clips at the edge)."""
+    aux = torch.full((2, 2, 64, 64), 0.95)
+    aux[:, 1] = 0.1
+    y = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    boxes = torch.tensor([[16, 64, 16, 64], [0, 48, 0, 3]])
+    lab = camlib.patch_labels(aux, y, boxes, grid=(4, 4), patch=16, bkg_thre=0.5, high=0.7, low=0.25,
+                              pixel_box=True)
+    for i, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        want = np.full((4, 4), IGNORE)
+        want[y0:y1, x0:x1] = 1  # pixel coordinates used as patch indices
+        np.testing.assert_array_equal(lab[i].numpy(), want)
+    assert (lab[0] == IGNORE).all()  # the box does not start at 0: every patch label lost
+    assert (lab[1, :, :3] == 1).all() and (lab[1, :, 3] == IGNORE).all()
+
+
+@settings(max_examples=40)
+@given(b=st.integers(1, 2), h=st.integers(1, 6), w=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_denormalize_uint8_is_the_authors_truncation(b, h, w, seed):
+    """Their `denormalize_img2`: x * std_255 + mean_255, cast to uint8 (truncation toward zero), / 255."""
+    from locbe.data.classes import IMAGENET_STD, denormalize_uint8
+
+    pixels = torch.randint(0, 256, (b, 3, h, w), generator=_gen(seed)).double() / 255
+    noise = (torch.rand(b, 3, h, w, generator=_gen(seed + 1), dtype=torch.float64) - 0.5) * 0.9 / 255
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    images = ((pixels + noise).clamp(0, 1) - mean) / std
+    got = denormalize_uint8(images.float())
+    x255 = (images.float() * (std * 255).float() + (mean * 255).float()).double()
+    want = np.zeros((b, 3, h, w))
+    for idx in np.ndindex(b, 3, h, w):
+        want[idx] = math.trunc(float(x255[idx])) / 255  # values stay inside 0..255 here
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=1e-7)
+    assert (got <= denormalize(images.float()) + 1e-6).all()  # truncation never rounds up
+
+
 # ============================================================================ BE erasing, LOC crops
 @settings(max_examples=30)
 @given(b=st.integers(1, 3), h=st.integers(1, 8), w=st.integers(1, 8), seed=st.integers(0, 2**16))
