@@ -1,15 +1,20 @@
 """`locbe` console script.
 
 Each subcommand lives next to the code it drives and exposes two functions,
-``add_arguments(parser)`` and ``run(args) -> int``.  The table below maps the
+``add_arguments(parser[, argv])`` and ``run(args) -> int``.  The table below maps the
 command name to that module so start-up stays cheap: torch/timm are imported
-only by the command that needs them.
+only when a command runs, never for ``--help``.
+
+Errors the operator can fix (``locbe.errors.LocbeError``, missing/existing files) print one line
+and exit with a code from the README's "Exit codes"; ``--debug`` prints the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import signal
 import sys
 
 # name -> (module, one-line help)
@@ -17,33 +22,82 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("locbe.data.synthetic", "write the built-in synthetic dataset in VOC layout"),
     "make-cls-labels": ("locbe.data.cls_labels", "write cls_labels_onehot.npy from segmentation masks"),
     "build-ext": ("locbe.regloss.build", "compile the regularized-loss extension (CPU, and CUDA if nvcc)"),
-    "train": ("locbe.train", "train LOC-BE / ToCo (single process or under torchrun)"),
+    "train": ("locbe.training.cli", "train LOC-BE / ToCo (single process or under torchrun)"),
     "eval": ("locbe.eval.evaluate", "evaluate a checkpoint: seg / CAM mIoU, multi-scale, dense CRF"),
     "reproduce": ("locbe.reproduce", "train -> eval -> report for a preset (smoke, voc, coco)"),
     "bench": ("locbe.bench", "run the benchmark suites and print a comparison table"),
 }
 
+# user-fixable OS errors: they name the path in their message
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _add_arguments(module_name: str, parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    add = importlib.import_module(module_name).add_arguments
+    if "argv" in inspect.signature(add).parameters:  # defaults that depend on other flags (--preset)
+        add(parser, argv=argv)
+    else:
+        add(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="locbe", formatter_class=_HelpFormatter,
                                      description="LOC-BE weakly-supervised segmentation: data, training, "
-                                                 "evaluation, reproduction.")
+                                                 "evaluation, reproduction.",
+                                     epilog="exit codes: 0 ok, 1 unexpected error, 2 bad input, 3 acceptance "
+                                            "failed, 4 non-finite loss, 128+N stopped by signal N (state saved)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    chosen = argv[0] if argv else None
+    chosen = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         p.set_defaults(_module=module_name)
-        if name == chosen:
-            importlib.import_module(module_name).add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an error, not one line")
+        if chosen is not None and name == argv[chosen]:
+            _add_arguments(module_name, p, argv[chosen + 1:])
     args = parser.parse_args(argv)
-    module = importlib.import_module(args._module)
-    return int(module.run(args) or 0)
+    return _run(args)
+
+
+def _run(args) -> int:
+    from locbe.errors import EXIT_FAILURE, EXIT_INTERRUPTED, LocbeError, one_line
+
+    prog = f"locbe {args.command}"
+    try:
+        module = importlib.import_module(args._module)
+        return int(module.run(args) or 0)
+    except LocbeError as e:
+        if args.debug:
+            raise
+        print(f"{prog}: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except _PATH_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{prog}: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        return EXIT_INTERRUPTED + signal.SIGINT
+    except Exception as e:
+        if args.debug or "Original Traceback" not in str(e):
+            raise
+        # a DataLoader worker's error re-raised with the worker's traceback as its message
+        print(f"{prog}: error: {one_line(e)} (--debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# fields that do not change what a run computes: where it reads and writes, how often it logs and saves
+NOT_HASHED = ("out_dir", "log_every", "ckpt_every", "num_workers", "data_root", "pretrained", "val_max_images")
 LOSS_TERMS = ("cls", "cls_aux", "sc", "seg", "reg", "be", "loc")
 DATASETS = ("voc", "coco", "synthetic")
 FIDELITIES = ("authors", "fixed")
@@ -169,7 +171,7 @@ class TrainConfig:
     def config_hash(self) -> str:
         """Hash of everything that changes the result (not where it is written or how often it logs)."""
         d = self.to_dict()
-        for k in ("out_dir", "log_every", "num_workers", "data_root", "pretrained", "val_max_images"):
+        for k in NOT_HASHED:
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -9,18 +9,18 @@ that correct without DDP's single-forward assumptions, and equals DDP's gradient
 Batch-coupled terms (sc, seg, reg, loc: ratios of sums or sampling over the batch) are computed
 per rank on the rank's own images, as in the authors' multi-GPU training.
 
-Nothing is lost on a crash: checkpoints are written atomically (temp file + rename) with model,
-optimiser, step and RNG states; ``--resume`` continues bit-for-bit (on CPU) because data order,
+Nothing is lost on a crash: checkpoints are written atomically (temp file + fsync + rename) with
+model, optimiser, step and RNG states; ``--resume`` continues bit-for-bit (on CPU) because data order,
 augmentation and the step's random choices are pure functions of (seed, epoch/step, index/rank).
-A non-finite loss stops the run before the optimiser step and saves the last good state.
+A non-finite loss stops the run before the optimiser step and saves the last good state; SIGINT /
+SIGTERM and a data error save the state at the last step boundary too. The run directory is bound to
+its config (``locbe.training.rundir``): resuming with other settings is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import random
 import subprocess
@@ -33,8 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
+from locbe.config import TrainConfig
+from locbe.errors import DataError, Interrupted, LocbeError, NonFiniteLossError, one_line
 from locbe.fileio import atomic_path, atomic_write_json
+from locbe.training import rundir
+from locbe.training.signals import StopRequest, ignore_interrupt_in_worker
+
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -45,10 +50,6 @@ class TrainResult:
     checkpoint: Path
     step: int
     last_losses: dict[str, float]
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -67,7 +68,7 @@ def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but torch.cuda.is_available() is False")
+        raise LocbeError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
     if world == 1:
         return DistInfo(), torch.device("cuda" if want_cuda else "cpu")
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
@@ -200,7 +201,7 @@ def load_training_state(path: Path, net, optimizer) -> int:
 
     ckpt = read_checkpoint(path)  # once: weights, optimiser and RNG come from the same read
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a locbe training checkpoint (no 'format': {CHECKPOINT_FORMAT}); "
+        raise LocbeError(f"{path} is not a locbe training checkpoint (no 'format': {CHECKPOINT_FORMAT}); "
                          "to start from foreign weights use --init-from instead of --resume")
     load_state(net, ckpt, path, strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -233,14 +234,14 @@ def epoch_batches(dataset, cfg: TrainConfig, info: DistInfo, epoch: int, skip_ba
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=_ShardFromOffset(indices, skip_batches * cfg.batch_size),
         num_workers=cfg.num_workers, drop_last=True, pin_memory=False,
-        persistent_workers=False)
+        persistent_workers=False, worker_init_fn=ignore_interrupt_in_worker if cfg.num_workers else None)
 
 
 def batches_per_epoch(dataset, cfg: TrainConfig, info: DistInfo) -> int:
     per_rank = len(dataset) // info.world_size
     n = per_rank // cfg.batch_size
     if n == 0:
-        raise ValueError(f"the training split has {len(dataset)} images: fewer than one batch of "
+        raise DataError(f"the training split has {len(dataset)} images: fewer than one batch of "
                          f"{cfg.batch_size} per process x {info.world_size} processes; lower --batch-size")
     return n
 
@@ -249,7 +250,7 @@ def build_train_dataset(cfg: TrainConfig):
     from locbe.data import build_dataset
 
     if cfg.data_root is None:
-        raise ValueError(f"--data-root is required for dataset {cfg.dataset!r} "
+        raise DataError(f"--data-root is required for dataset {cfg.dataset!r} "
                          "(e.g. VOCdevkit/VOC2012; `locbe make-synthetic --out DIR` makes a small one)")
     from locbe.data.transforms import AugmentConfig
 
@@ -259,7 +260,7 @@ def build_train_dataset(cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None,
+def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
           progress: bool = True, max_steps_this_run: int | None = None) -> TrainResult:
     """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks)."""
     from tqdm import tqdm
@@ -271,13 +272,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     cfg.validate()
     info, device = setup_distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    last_path, final_path = ckpt_dir / "last.pth", ckpt_dir / "final.pth"
+    last_path, final_path = rundir.checkpoint_paths(out_dir)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed + info.rank)
 
     dataset = build_train_dataset(cfg)
+    rundir.prepare(cfg, resume=resume, force_new=force_new, is_main=info.is_main)
     net = build_model(cfg.backbone, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
                       aux_layer=cfg.aux_layer).to(device)
     if init_from:
@@ -286,17 +287,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     par = PAR(low_memory=cfg.fast_step).to(device)  # same maths, no neighbour stacks (tests/test_step.py)
     reg_loss = _build_reg_loss(cfg, device)
 
-    step = 0
-    if resume and last_path.exists():
-        step = load_training_state(last_path, net, optimizer)
-    elif not resume and last_path.exists() and info.is_main:
-        raise FileExistsError(f"{last_path} exists: pass --resume to continue that run, or choose another --out")
+    step = load_training_state(last_path, net, optimizer) if resume else 0
     if info.world_size > 1:  # start every rank from rank 0's parameters, as DDP does
         for t in net.state_dict().values():
             dist.broadcast(t, src=0)
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        rundir.truncate_logs(out_dir, step)
         atomic_write_json(out_dir / "config.json", cfg.to_dict())
         atomic_write_json(out_dir / "env.json", environment_info(cfg, device, info.world_size))
 
@@ -311,63 +309,108 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     last_losses: dict[str, float] = {}
     net.train()
     t_start = time.perf_counter()
-    try:
-        while step < stop_at:
-            epoch, skip = divmod(step, n_batches)
-            for batch in epoch_batches(dataset, cfg, info, epoch, skip):
-                if step >= stop_at:
-                    break
-                n = step + 1  # steps done after this one
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                lr = set_lr(optimizer, step, cfg)
-                with autocast:  # schedule, LR and crop draws all use the authors' 0-based n_iter = step
-                    out = training_step(net, batch, step, cfg, par=par, reg_loss=reg_loss,
-                                        generator=step_generator(cfg.seed, step, info.rank))
-                if not torch.isfinite(out.total):
-                    terms = {k: float(v) for k, v in out.terms.items()}
-                    if info.is_main:
-                        save_checkpoint(last_path, net, optimizer, step, cfg)
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {n}: {terms}. The state after step {step} is saved in "
-                        f"{last_path}; lower --lr or enable --set grad_clip=1.0, then --resume.")
-                optimizer.zero_grad(set_to_none=True)
-                out.total.backward()
-                average_gradients(params, info.world_size)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                step = n
 
-                if step % cfg.log_every == 0 or step == stop_at:
-                    losses = {k: float(v) for k, v in out.terms.items()}
-                    losses["total"] = float(out.total.detach())
-                    last_losses = reduce_mean(losses, info.world_size, device)
-                    if info.is_main:
-                        row = {"step": step, "lr": lr, "time": round(time.perf_counter() - t_start, 2),
-                               **{k: round(v, 5) for k, v in last_losses.items()}}
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps(row) + "\n")
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()
-                                         if k in ("total", "cls", "seg", "be", "loc")})
-                bar.update(1)
-                if info.is_main and (step % cfg.ckpt_every == 0 or step == stop_at):
-                    save_checkpoint(last_path, net, optimizer, step, cfg)
-                if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
-                    _periodic_validation(net, cfg, device, info, step, out_dir)
-    except KeyboardInterrupt:
+    def save_and_stop(error: BaseException) -> None:
+        """Keep the state after ``step`` (a step boundary), then raise ``error``."""
         if info.is_main:
             save_checkpoint(last_path, net, optimizer, step, cfg)
-            print(f"\ninterrupted: state after step {step} saved to {last_path}; continue with --resume",
-                  file=sys.stderr)
-        raise
-    finally:
-        bar.close()
+        raise error
+
+    with StopRequest() as stop:
+        try:
+            while step < stop_at:
+                epoch, skip = divmod(step, n_batches)
+                for batch in _fetch(epoch_batches(dataset, cfg, info, epoch, skip)):
+                    if step >= stop_at:
+                        break
+                    n = step + 1  # steps done after this one
+                    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
+                    lr = set_lr(optimizer, step, cfg)
+                    with autocast:  # schedule, LR and crop draws all use the authors' 0-based n_iter = step
+                        out = training_step(net, batch, step, cfg, par=par, reg_loss=reg_loss,
+                                            generator=step_generator(cfg.seed, step, info.rank))
+                    if not torch.isfinite(out.total):
+                        terms = {k: float(v) for k, v in out.terms.items()}
+                        save_and_stop(NonFiniteLossError(
+                            f"non-finite loss at step {n}: {terms}. The state after step {step} is saved in "
+                            f"{last_path}; lower the lr (--set lr=...) or set --set grad_clip=1.0, then --resume."))
+                    optimizer.zero_grad(set_to_none=True)
+                    out.total.backward()
+                    average_gradients(params, info.world_size)
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
+                    step = n
+
+                    if step % cfg.log_every == 0 or step == stop_at:
+                        losses = {k: float(v) for k, v in out.terms.items()}
+                        losses["total"] = float(out.total.detach())
+                        last_losses = reduce_mean(losses, info.world_size, device)
+                        if info.is_main:
+                            row = {"step": step, "lr": lr, "time": round(time.perf_counter() - t_start, 2),
+                                   **{k: round(v, 5) for k, v in last_losses.items()}}
+                            with open(log_path, "a") as f:
+                                f.write(json.dumps(row) + "\n")
+                            bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()
+                                             if k in ("total", "cls", "seg", "be", "loc")})
+                    bar.update(1)
+                    if info.is_main and (step % cfg.ckpt_every == 0 or step == stop_at):
+                        save_checkpoint(last_path, net, optimizer, step, cfg)
+                    if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
+                        _periodic_validation(net, cfg, device, info, step, out_dir)
+                    if any_rank(stop.requested, info.world_size, device) and step < stop_at:
+                        save_and_stop(_interrupted(stop, step, last_path, cfg))
+        except _FetchError as e:  # the DataLoader failed; a stop signal may have taken its workers down
+            error = (_interrupted(stop, step, last_path, cfg) if stop.requested else
+                     DataError(f"{one_line(e.__cause__)} [reading the batch of step {step + 1}; the state after "
+                               f"step {step} is saved in {last_path}: fix the data, then --resume]"))
+            save_and_stop(error)
+        finally:
+            bar.close()
 
     if info.is_main and step >= cfg.max_steps:
         save_checkpoint(final_path, net, optimizer, step, cfg)
     if info.world_size > 1:
         dist.barrier()
     return TrainResult(out_dir, final_path if step >= cfg.max_steps else last_path, step, last_losses)
+
+
+class _FetchError(Exception):
+    """Raised from the batch iterator: the DataLoader (or a worker) failed; the cause is chained."""
+
+
+def _fetch(loader):
+    """Iterate ``loader``, wrapping its errors in ``_FetchError`` so the loop can tell them from its own."""
+    try:
+        batches = iter(loader)
+    except Exception as e:
+        raise _FetchError() from e
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _FetchError() from e
+        yield batch
+
+
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """True when ``flag`` is set on any rank, so that every rank stops at the same step."""
+    if world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _interrupted(stop: StopRequest, step: int, last_path: Path, cfg: TrainConfig) -> Interrupted:
+    import signal
+
+    signum = stop.signum or signal.SIGTERM  # another rank received it
+    return Interrupted(f"stopped by {signal.Signals(signum).name}: the state after step {step} is saved in "
+                       f"{last_path}; continue with --resume --out {cfg.out_dir}", signum)
 
 
 def _build_reg_loss(cfg: TrainConfig, device: torch.device):
@@ -394,65 +437,3 @@ def _periodic_validation(net, cfg: TrainConfig, device, info: DistInfo, step: in
         f.write(json.dumps({"step": step, **metrics}) + "\n")
     print(f"\n[val step {step}] " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                               if isinstance(v, float)), file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(p) -> None:
-    p.add_argument("--preset", default="voc", choices=sorted(PRESETS), help="named configuration")
-    p.add_argument("--data-root", help="dataset root (VOC2012 / COCO-VOC-style / synthetic folder)")
-    p.add_argument("--pretrained", help="local ImageNet weights for the encoder (.npz/.pth/.safetensors)")
-    p.add_argument("--init-from", help="start from a full model checkpoint (ours, the authors' or ToCo's)")
-    p.add_argument("--out", help="run directory (default: the preset's runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--backbone")
-    p.add_argument("--fidelity", choices=["authors", "fixed"],
-                   help="'authors' (every preset's default) reproduces the numbers-changing behaviour of the "
-                        "authors' code; 'fixed' applies locbe's fixes (docs/fidelity.md)")
-    p.add_argument("--no-loc", action="store_true", help="switch LOC off")
-    p.add_argument("--no-be", action="store_true", help="switch BE off")
-    p.add_argument("--no-sc", action="store_true", help="switch the patch-token contrast off")
-    p.add_argument("--no-reg", action="store_true", help="switch the regularized loss off")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (opt-in)")
-    p.add_argument("--fast-step", action="store_true", help="same maths with fewer passes (docs/benchmarks.md)")
-    p.add_argument("--cam-bf16", action="store_true",
-                   help="bf16 autocast for the no-grad multi-scale CAM views only (opt-in: CAMs change slightly)")
-    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any TrainConfig field, e.g. --set lr=1e-4 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-
-
-def config_from_args(args) -> TrainConfig:
-    cfg = get_preset(args.preset)
-    mapping = {"data_root": args.data_root, "pretrained": args.pretrained, "out_dir": args.out,
-               "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": args.seed,
-               "device": args.device, "num_workers": args.num_workers, "backbone": args.backbone,
-               "fidelity": args.fidelity}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in mapping.items() if v is not None})
-    for flag, name in (("no_loc", "use_loc"), ("no_be", "use_be"), ("no_sc", "use_sc"), ("no_reg", "use_reg")):
-        if getattr(args, flag):
-            cfg = dataclasses.replace(cfg, **{name: False})
-    for flag in ("bf16", "cam_bf16", "fast_step", "deterministic"):
-        if getattr(args, flag):
-            cfg = dataclasses.replace(cfg, **{flag: True})
-    return apply_overrides(cfg, args.overrides)
-
-
-def run(args) -> int:
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    result = train(cfg, resume=args.resume, init_from=args.init_from)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: step {result.step}, checkpoint {result.checkpoint}")
-        if result.last_losses:
-            print("last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.last_losses.items())))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0 if math.isfinite(result.last_losses.get("total", 0.0)) else 1

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from locbe.data.classes import IGNORE_INDEX, normalize
 from locbe.data.transforms import AugmentConfig, augment
+from locbe.errors import DataError, MissingPathError
 
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 LABEL_FILE = "cls_labels_onehot.npy"
@@ -38,7 +39,7 @@ def read_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path} ({e}); the file is corrupt or not an image: "
+        raise DataError(f"cannot read image {path} ({e}); the file is corrupt or not an image: "
                          "re-extract it from the dataset archive or remove it from the split list") from e
 
 
@@ -46,14 +47,15 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
-                raise ValueError(f"mask {path} has mode {im.mode}; expected a palette (P) or gray (L) index image")
+                raise DataError(f"mask {path} has mode {im.mode}; expected a palette (P) or gray (L) index image")
             mask = np.asarray(im, dtype=np.int64)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read mask {path} ({e}); re-extract it from the dataset archive") from e
+        raise DataError(f"cannot read mask {path} ({e}); re-extract it from the dataset archive") from e
     bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE_INDEX)])
     if bad.size:
-        raise ValueError(f"mask {path} holds values {bad.tolist()[:10]} outside [0, {num_classes}) and 255; "
-                         f"is --num-classes ({num_classes}) right for this dataset?")
+        raise DataError(f"mask {path} holds values {bad.tolist()[:10]} outside [0, {num_classes}) and 255; "
+                         f"is the number of classes ({num_classes}) right for this dataset? "
+                         "(locbe eval --num-classes N; locbe train --set num_classes=N)")
     return mask
 
 
@@ -65,7 +67,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
                  label_file: str | Path | None = None, require_masks: bool | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root {self.root} does not exist; pass --data-root pointing at "
+            raise MissingPathError(f"dataset root {self.root} does not exist; pass --data-root pointing at "
                                     "VOC2012 (or COCO in VOC layout), or make one with "
                                     "`locbe make-synthetic --out DIR`")
         self.split, self.train, self.num_classes, self.seed = split, train, num_classes, seed
@@ -79,7 +81,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         label_path = Path(label_file) if label_file else self.root / LABEL_FILE
         self.file_labels = self._read_label_file(label_path) if label_path.is_file() else None
         if self.file_labels is None and self.mask_dir is None:
-            raise FileNotFoundError(f"no image-level labels for {self.root}: neither {label_path} nor a mask "
+            raise MissingPathError(f"no image-level labels for {self.root}: neither {label_path} nor a mask "
                                     f"folder ({' / '.join(MASK_DIRS)}) exists")
         self._warned: set[str] = set()
 
@@ -89,24 +91,24 @@ class VOCSegmentation(torch.utils.data.Dataset):
                       self.root / "ImageSets" / f"{self.split}.txt"]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
-            raise FileNotFoundError(f"split file for {self.split!r} not found: looked for "
+            raise MissingPathError(f"split file for {self.split!r} not found: looked for "
                                     f"{', '.join(map(str, candidates))}; check --data-root and the split name")
         names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
         if not names:
-            raise ValueError(f"split file {path} lists no images")
+            raise DataError(f"split file {path} lists no images")
         return names
 
     def _check_files(self, needs_masks: bool) -> None:
         missing = [n for n in self.names if not (self.image_dir / f"{n}.jpg").is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} images of split {self.split!r} are missing, e.g. "
+            raise MissingPathError(f"{len(missing)} images of split {self.split!r} are missing, e.g. "
                                     f"{self.image_dir / (missing[0] + '.jpg')}; fix the dataset or the split list")
         if needs_masks:
             if self.mask_dir is None:
-                raise FileNotFoundError(f"no mask folder under {self.root} (expected {' or '.join(MASK_DIRS)})")
+                raise MissingPathError(f"no mask folder under {self.root} (expected {' or '.join(MASK_DIRS)})")
             missing = [n for n in self.names if not (self.mask_dir / f"{n}.png").is_file()]
             if missing:
-                raise FileNotFoundError(f"{len(missing)} masks of split {self.split!r} are missing, e.g. "
+                raise MissingPathError(f"{len(missing)} masks of split {self.split!r} are missing, e.g. "
                                         f"{self.mask_dir / (missing[0] + '.png')}")
         self.has_masks = needs_masks
 
@@ -114,14 +116,14 @@ class VOCSegmentation(torch.utils.data.Dataset):
         try:
             labels = np.load(path, allow_pickle=True).item()
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise ValueError(f"cannot read class labels {path} ({e}); regenerate it with "
+            raise DataError(f"cannot read class labels {path} ({e}); regenerate it with "
                              "`locbe make-cls-labels --data-root ROOT --split SPLIT`") from e
         missing = [n for n in self.names if n not in labels]
         if missing and not self.has_masks:
-            raise ValueError(f"{path} has no labels for {len(missing)} images of {self.split!r}, e.g. {missing[0]}")
+            raise DataError(f"{path} has no labels for {len(missing)} images of {self.split!r}, e.g. {missing[0]}")
         for name, vec in labels.items():
             if len(vec) != self.num_classes - 1:
-                raise ValueError(f"{path}: labels of {name} have {len(vec)} entries, expected "
+                raise DataError(f"{path}: labels of {name} have {len(vec)} entries, expected "
                                  f"{self.num_classes - 1} (num_classes - 1)")
             break
         return labels
@@ -143,7 +145,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
                               f"the mask's {np.flatnonzero(derived).tolist()}; using the file's", stacklevel=2)
             return given
         if derived is None:
-            raise ValueError(f"no class labels for {name}: add it to {self.root / LABEL_FILE}")
+            raise DataError(f"no class labels for {name}: add it to {self.root / LABEL_FILE}")
         return derived
 
     def load(self, index: int) -> tuple[str, Image.Image, np.ndarray | None]:
@@ -154,7 +156,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
             mask_path = self.mask_dir / f"{name}.png"
             mask = read_mask(mask_path, self.num_classes)
             if mask.shape != (image.height, image.width):
-                raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                raise DataError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
                                  f"{image.width}x{image.height}; image and mask must have the same size")
         return name, image, mask
 
@@ -195,6 +197,6 @@ DATASET_CLASSES = {"voc": 21, "synthetic": 21, "coco": 81}
 def build_dataset(dataset: str, root, split: str, *, train: bool, crop_size: int = 448,
                   num_classes: int | None = None, seed: int = 0, **kwargs) -> VOCSegmentation:
     if dataset not in DATASET_CLASSES:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_CLASSES)}")
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_CLASSES)}")
     return VOCSegmentation(root, split, train=train, crop_size=crop_size,
                            num_classes=num_classes or DATASET_CLASSES[dataset], seed=seed, **kwargs)

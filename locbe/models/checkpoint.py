@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from locbe.errors import CheckpointError, CheckpointMismatchError, MissingPathError
+
 # ToCo's network has no attn_proj; its checkpoints load into ours with these keys left at init.
 OPTIONAL_KEYS = ("attn_proj.weight", "attn_proj.bias")
 
@@ -36,7 +38,7 @@ def read_checkpoint(path: str | Path, map_location="cpu"):
     """The object stored in a torch (``weights_only``) or safetensors file, with errors naming the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingPathError(f"checkpoint {path} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -44,7 +46,8 @@ def read_checkpoint(path: str | Path, map_location="cpu"):
             return load_file(str(path), device=str(map_location))
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt / foreign file: torch and safetensors raise assorted errors without the path
-        raise ValueError(f"{path} is not a readable torch or safetensors checkpoint: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path} is not a readable torch or safetensors checkpoint: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
@@ -53,7 +56,7 @@ def _state_dict_of(obj, path) -> dict[str, torch.Tensor]:
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return obj
 
 
@@ -80,13 +83,14 @@ def load_state(model: torch.nn.Module, state, path: str | Path, strict: bool = T
             msg = f"{path}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
             if key in ("classifier.weight", "aux_classifier.weight", "decoder.conv8.weight"):
                 n = value.shape[0] + (1 if "classifier" in key else 0)
-                msg += f"; the checkpoint was trained with {n} classes: build the model with --num-classes {n}"
-            raise ValueError(msg)
+                msg += (f"; the checkpoint was trained with {n} classes: pass --num-classes {n} (locbe eval) "
+                        f"or --set num_classes={n} (locbe train)")
+            raise CheckpointError(msg)
     report.missing = sorted(k for k in own if k not in state and k not in OPTIONAL_KEYS)
     report.skipped_optional = sorted(k for k in OPTIONAL_KEYS if k in own and k not in state)
     report.unexpected = sorted(k for k in state if k not in own)
     if strict and not report.ok:
-        raise KeyError(f"{path} does not match the model: missing keys {report.missing}, "
+        raise CheckpointMismatchError(f"{path} does not match the model: missing keys {report.missing}, "
                        f"unexpected keys {report.unexpected}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return report
@@ -100,7 +104,7 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str | Path) -> LoadRep
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} do not exist. {PRETRAINED_HINT}")
+        raise MissingPathError(f"pretrained weights {path} do not exist. {PRETRAINED_HINT}")
     encoder = model.encoder
     if path.suffix == ".npz":
         from timm.models.vision_transformer import _load_weights
@@ -119,11 +123,11 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str | Path) -> LoadRep
     report.missing = sorted(k for k in own if k not in state and not k.startswith("head."))
     report.unexpected = sorted(k for k in state if k not in own)
     if report.missing or report.unexpected:
-        raise KeyError(f"{path} is not a ViT encoder state dict matching {model.backbone_name}: missing "
+        raise CheckpointMismatchError(f"{path} is not a ViT encoder state dict matching {model.backbone_name}: missing "
                        f"{report.missing[:8]}, unexpected {report.unexpected[:8]}")
     for k, v in state.items():
         if own[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the encoder expects {tuple(own[k].shape)} "
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, the encoder expects {tuple(own[k].shape)} "
                              f"(is it a {model.backbone_name} checkpoint?)")
     encoder.load_state_dict(state, strict=False)
     return report
