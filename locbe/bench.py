@@ -176,7 +176,7 @@ def _previous(folder: Path, suite: str, exclude: Path | None = None) -> Path | N
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--suite", choices=["all", *SUITES], default="all")
+    p.add_argument("--suite", choices=["all", *SUITES], default="all", help="which benchmark suite to run")
     p.add_argument("--out", default="reports/benchmarks", help="folder for the JSON results and tables")
     p.add_argument("--show", action="store_true", help="only print the latest saved results")
     p.add_argument("pytest_args", nargs="*", help="extra arguments for pytest (after --)")

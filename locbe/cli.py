@@ -35,7 +35,9 @@ _PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirec
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        default = action.default
+        if ("%(default)" in text or default is None or default is False or default == [] or default == argparse.SUPPRESS
+                or not action.option_strings):
             return text
         return super()._get_help_string(action)
 
@@ -50,6 +52,11 @@ def _add_arguments(module_name: str, parser: argparse.ArgumentParser, argv: list
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    return _run(build_parser(argv).parse_args(argv))
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The ``locbe`` parser; only the subcommand named in ``argv`` gets its arguments (and imports its module)."""
     parser = argparse.ArgumentParser(prog="locbe", formatter_class=_HelpFormatter,
                                      description="LOC-BE weakly-supervised segmentation: data, training, "
                                                  "evaluation, reproduction.",
@@ -66,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="print the traceback of an error, not one line")
         if chosen is not None and name == argv[chosen]:
             _add_arguments(module_name, p, argv[chosen + 1:])
-    args = parser.parse_args(argv)
-    return _run(args)
+    return parser
 
 
 def _run(args) -> int:

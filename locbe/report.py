@@ -54,6 +54,7 @@ def _markdown(df: pd.DataFrame, **kwargs) -> str:
 def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None, title: str,
                  notes: list[str]) -> None:
     df = pd.DataFrame(rows, columns=ROW_COLUMNS)
+    df["seed"] = df["seed"].astype("Int64")  # rows without a run (seed None) would make the column float: 0.0
     buf = io.StringIO()
     df.to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
     atomic_write_text(out_dir / "results.csv", buf.getvalue())
@@ -62,7 +63,6 @@ def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     env_cols = df[["commit", "config_hash", "seed", "device", "torch", "timm"]].dropna(how="all").drop_duplicates()
-    env_cols = env_cols.assign(seed=env_cols["seed"].astype("Int64"))  # rows without a run made the column float
     # as text: tabulate would read a commit like 4068e63 or a hash like 1e10 as a number
     md += ["## Environment", "", _markdown(env_cols, disable_numparse=True), ""]
     if per_class is not None:

@@ -3,7 +3,9 @@
 Each stage leaves an artefact and is skipped when it is already there: the synthetic dataset
 (smoke), ``checkpoints/final.pth`` (training resumes from ``last.pth`` after an interruption), the
 metrics JSON of each evaluation (tagged with the checkpoint's step), and finally the tables in
-``reports/<preset>/``. Re-running a finished reproduction rewrites the same tables.
+``<out>/report/`` (or ``--reports DIR``/<preset>/). Re-running a finished reproduction rewrites the
+same tables. A run directory made with another config is not reused (``--force-new`` moves it aside).
+Exit codes (README): 0 when every stage ran and the preset's acceptance line held, 3 when it did not.
 """
 
 from __future__ import annotations
@@ -12,29 +14,34 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
-from locbe.config import TrainConfig, apply_overrides, get_preset
+from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
+from locbe.errors import AcceptanceError, ConfigError, MissingPathError
 
 NOT_COMPARABLE = "not comparable to the paper: synthetic data, micro ViT from scratch"
+# seg mIoU (single scale) / best trivial baseline must reach this for the run to pass (exit code 3 otherwise)
+ACCEPTANCE = {"smoke": 2.0}
 ABLATIONS = {"baseline (ToCo)": dict(use_loc=False, use_be=False), "+LOC": dict(use_be=False),
              "+BE": dict(use_loc=False), "full (LOC-BE)": {},
              "authors' defects fixed (full, fidelity=fixed)": dict(fidelity="fixed")}
 
 
-def _stage_train(cfg: TrainConfig, progress: bool) -> Path:
+def _stage_train(cfg: TrainConfig, progress: bool, force_new: bool = False) -> Path:
     from locbe.train import train
+    from locbe.training.rundir import check_same_config, checkpoint_paths
 
-    final = Path(cfg.out_dir) / "checkpoints" / "final.pth"
-    if final.exists():
+    last, final = checkpoint_paths(cfg.out_dir)
+    if final.exists() and not force_new:
+        check_same_config(cfg.out_dir, cfg, f"reuse {final}")
         print(f"[train] {final} exists: skipped")
         return final
-    resume = (Path(cfg.out_dir) / "checkpoints" / "last.pth").exists()
+    resume = last.exists() and not force_new
     print(f"[train] {'resuming' if resume else 'starting'} {cfg.preset} in {cfg.out_dir}")
-    return train(cfg, resume=resume, progress=progress).checkpoint
+    return train(cfg, resume=resume, force_new=force_new, progress=progress).checkpoint
 
 
 def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progress: bool, **opts) -> dict:
+    import torch
+
     from locbe.data import build_dataset
     from locbe.eval.evaluate import EvalOptions, evaluate, load_model_for_eval
     from locbe.fileio import atomic_write_json
@@ -62,6 +69,8 @@ def _env(run_dir: Path) -> dict:
 
 
 def _panels(checkpoint: Path, cfg: TrainConfig, out_dir: Path, n: int = 4) -> None:
+    import torch
+
     from locbe import cam as camlib
     from locbe.data import build_dataset, denormalize, voc_palette
     from locbe.eval.evaluate import load_model_for_eval, seg_logits, to_uint8_image
@@ -86,7 +95,15 @@ def _panels(checkpoint: Path, cfg: TrainConfig, out_dir: Path, n: int = 4) -> No
             write_panel(out_dir / "panels" / f"{item['name']}.png", cols)
 
 
-def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: bool) -> Path:
+def acceptance_ratio(seg_miou: float, baselines: dict) -> float:
+    """seg mIoU over the best trivial baseline (all background, or the image label on every pixel)."""
+    best = max(baselines["all_background"]["miou"], baselines["image_label_everywhere"]["miou"])
+    return seg_miou / max(best, 1e-9)
+
+
+def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: bool,
+                    force_new: bool = False) -> tuple[Path, float]:
+    """Returns the tables' folder and the acceptance ratio (``acceptance_ratio``)."""
     import pandas as pd
 
     from locbe.data import VOC_CLASSES, build_dataset
@@ -98,7 +115,7 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     if not (root / "synthetic.json").exists():  # an existing synthetic set (any size/seed) is used as is
         print(f"[data] generating the synthetic dataset in {root}")
         make_synthetic(root)
-    checkpoint = _stage_train(cfg, progress)
+    checkpoint = _stage_train(cfg, progress, force_new)
     seg = _stage_eval(checkpoint, cfg, cfg.val_split, "val_single", progress)
     seg_ms = _stage_eval(checkpoint, cfg, cfg.val_split, "val_ms_crf", progress, multi_scale=True, crf=True)
     cam = _stage_eval(checkpoint, cfg, cfg.train_split, "train_cam", progress, cam=True, max_images=80)
@@ -129,30 +146,32 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
             slug = name.split()[0].strip("+'").lower()
             acfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).parent / f"{Path(cfg.out_dir).name}-"
                                                        f"ablation-{slug}"), **switches)
-            ck = _stage_train(acfg, progress)
+            ck = _stage_train(acfg, progress, force_new)
             res = _stage_eval(ck, acfg, acfg.val_split, "val_single", progress)
             rows.append(make_row(f"ablation: {name}", bb, ds, "val", "seg mIoU (single scale)", res["seg"]["miou"],
                                  _env(Path(acfg.out_dir)), status=NOT_COMPARABLE))
-    best_trivial = max(base["all_background"]["miou"], base["image_label_everywhere"]["miou"])
-    ratio = seg["seg"]["miou"] / max(best_trivial, 1e-9)
+    ratio = acceptance_ratio(seg["seg"]["miou"], base)
+    line = ACCEPTANCE.get(cfg.preset)
+    verdict = "no acceptance line for this preset" if line is None else (
+        f"acceptance: >= {line}: {'passed' if ratio >= line else 'FAILED'}")
     per_class = pd.DataFrame({"class": VOC_CLASSES,
                               "seg (single)": [100 * v for v in seg["seg"]["iou"]],
                               "seg (MS+CRF)": [100 * v for v in seg_ms["seg_crf"]["iou"]],
                               "CAM (train)": [100 * v for v in cam["cam"]["iou"]]})
     notes = ["Synthetic VOC-layout data made by `locbe make-synthetic`; a health check of the pipeline, "
              "not a reproduction of the paper.",
-             f"seg mIoU (single scale) / best trivial baseline = {ratio:.2f} (acceptance: >= 2).",
+             f"seg mIoU (single scale) / best trivial baseline = {ratio:.2f} ({verdict}).",
              f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}; "
              f"fidelity={cfg.fidelity} (docs/fidelity.md).",
              "Panels (image | CAM | region partition | pseudo label | prediction | ground truth): `panels/*.png`."]
-    out_dir = reports / cfg.preset
+    out_dir = reports
     write_tables(out_dir, rows, per_class, f"locbe reproduce: {cfg.preset}", notes)
     _panels(checkpoint, cfg, out_dir)
     print((out_dir / "results.md").read_text())
-    return out_dir
+    return out_dir, ratio
 
 
-def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool) -> Path:
+def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: bool = False) -> Path:
     from locbe.data import COCO_CLASSES, VOC_CLASSES
     from locbe.report import lookup_reported, make_row, write_tables
 
@@ -164,16 +183,10 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool) -> Path:
     metrics = [("val", "seg mIoU (MS+CRF)", "seg_miou", "MS+CRF"), ("val", "seg mIoU (single scale)", "seg_miou",
                                                                       "single scale"),
                ("train", "CAM mIoU", "cam_miou", None)]
-    if root is None or not root.is_dir():
-        for split, metric, key, proto in metrics:
-            rows.append(make_row(method, cfg.backbone, ds_name, split, metric, None, env,
-                                 reported=lookup_reported(method, ds_name, key, proto, split=split),
-                                 status="not run: dataset not found"))
-        write_tables(reports / cfg.preset, rows, None, f"locbe reproduce: {cfg.preset}",
-                     [f"--data-root {cfg.data_root} not found; nothing was trained."])
-        print((reports / cfg.preset / "results.md").read_text())
-        return reports / cfg.preset
-    checkpoint = _stage_train(cfg, progress)
+    if root is None or not root.is_dir():  # before anything is written: existing results stay as they are
+        raise MissingPathError(f"--data-root {'is required' if root is None else f'{root} does not exist'} for "
+                               f"--preset {cfg.preset} ({ds_name} in VOC layout); nothing was run or written")
+    checkpoint = _stage_train(cfg, progress, force_new)
     env = _env(Path(cfg.out_dir))
     ms = _stage_eval(checkpoint, cfg, cfg.val_split, "val_ms_crf", progress, multi_scale=True, crf=True)
     single = _stage_eval(checkpoint, cfg, cfg.val_split, "val_single", progress)
@@ -189,32 +202,50 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool) -> Path:
 
     names = VOC_CLASSES if cfg.num_classes == 21 else COCO_CLASSES
     per_class = pd.DataFrame({"class": names, "seg (MS+CRF)": [100 * v for v in ms["seg_crf"]["iou"]]})
-    write_tables(reports / cfg.preset, rows, per_class, f"locbe reproduce: {cfg.preset}",
+    write_tables(reports, rows, per_class, f"locbe reproduce: {cfg.preset}",
                  ["LOC-BE's README does not name the split of its figures; they are compared as stated."])
-    _panels(checkpoint, cfg, reports / cfg.preset)
-    return reports / cfg.preset
+    _panels(checkpoint, cfg, reports)
+    return reports
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--preset", default="smoke", choices=["smoke", "smoke-toco", "voc", "coco", "toco-voc",
-                                                         "toco-coco"])
-    p.add_argument("--data-root", help="dataset root (smoke: where the synthetic set is made; default data/synthetic)")
-    p.add_argument("--pretrained", help="local ImageNet ViT weights (voc/coco presets)")
-    p.add_argument("--out", help="run directory (default runs/<preset>)")
-    p.add_argument("--reports", default="reports", help="where tables are written")
+def add_arguments(p, argv=()) -> None:
+    from locbe.training.cli import preset_from_argv
+
+    cfg = get_preset(preset_from_argv(argv, "smoke"))
+    d = f"(preset {cfg.preset}: %(default)s)"
+    p.add_argument("--preset", default=cfg.preset, choices=[n for n in PRESETS],
+                   help="named configuration; the defaults below are this preset's")
+    p.add_argument("--data-root", default=cfg.data_root,
+                   help=f"dataset root; smoke presets make the synthetic set there if it is missing {d}")
+    p.add_argument("--pretrained", default=cfg.pretrained, help=f"local ImageNet ViT weights (voc/coco) {d}")
+    p.add_argument("--out", default=cfg.out_dir, help=f"run directory {d}")
+    p.add_argument("--reports", help="write the tables to REPORTS/<preset>/ instead of <out>/report/")
     p.add_argument("--ablation", action="store_true", help="smoke: also train baseline / +LOC / +BE / full")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force-new", action="store_true",
+                   help="<out> holds a run made with another config: move it aside to <out>.old-<UTC time> "
+                        "and start over")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set max_steps=600 (repeatable); "
+                        "`locbe train --preset P --print-config` lists them")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    cfg = get_preset(args.preset)
-    changes = {k: v for k, v in (("data_root", args.data_root), ("pretrained", args.pretrained),
-                                 ("out_dir", args.out)) if v is not None}
-    cfg = apply_overrides(dataclasses.replace(cfg, **changes), args.overrides)
+    try:
+        cfg = get_preset(args.preset)
+        changes = {k: v for k, v in (("data_root", args.data_root), ("pretrained", args.pretrained),
+                                     ("out_dir", args.out)) if v is not None}
+        cfg = apply_overrides(dataclasses.replace(cfg, **changes), args.overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     progress = not args.no_progress
-    if cfg.dataset == "synthetic":
-        reproduce_smoke(cfg, Path(args.reports), args.ablation, progress)
-    else:
-        reproduce_real(cfg, Path(args.reports), progress)
+    reports = Path(args.reports) / cfg.preset if args.reports else Path(cfg.out_dir) / "report"
+    if cfg.dataset != "synthetic":
+        reproduce_real(cfg, reports, progress, args.force_new)
+        return 0
+    tables, ratio = reproduce_smoke(cfg, reports, args.ablation, progress, args.force_new)
+    line = ACCEPTANCE.get(cfg.preset)
+    if line is not None and ratio < line:
+        raise AcceptanceError(f"acceptance failed: seg mIoU / best trivial baseline = {ratio:.2f} < {line} "
+                              f"(tables in {tables})")
     return 0

@@ -8,8 +8,6 @@ dense Gaussian filter; autograd with gradcheck; the gated loss with a formula wr
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from locbe.regloss import RegularizedLoss, lattice_filter
-from locbe.regloss.build import load_extension
+from locbe.regloss.build import find_cuda_home, load_extension
 from locbe.regloss.op import _filter
 from locbe.regloss.reference import dense_filter, serial_lattice_filter
 
@@ -341,9 +339,7 @@ def test_cuda_loss_matches_cpu_and_is_deterministic():
 
 # ---------------------------------------------------------------------------- CUDA build (no GPU needed)
 @pytest.mark.nvcc
-@pytest.mark.skipif(not (os.environ.get("CUDA_HOME") and shutil.which(os.path.join(os.environ.get("CUDA_HOME", ""),
-                                                                                     "bin", "nvcc"))),
-                    reason="needs nvcc (set CUDA_HOME)")
+@pytest.mark.skipif(find_cuda_home() is None, reason="needs nvcc: none in $CUDA_HOME, /usr/local/cuda or on PATH")
 def test_cuda_backend_compiles_and_links_for_sm80_sm90(tmp_path):
     from locbe.regloss.build import build_cuda
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # no torch import at run time: `locbe make-synthetic` and every --help stay torch-free
+    import torch
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -25,6 +29,8 @@ COCO_CLASSES = (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
+MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")  # VOC (+SBD) first, then COCO-in-VOC style
+LABEL_FILE = "cls_labels_onehot.npy"
 
 
 def voc_palette(n: int = 256) -> list[int]:

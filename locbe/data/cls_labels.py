@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from locbe.data.voc import LABEL_FILE, MASK_DIRS, labels_from_mask, read_mask
+from locbe.data.classes import LABEL_FILE, MASK_DIRS
+from locbe.errors import ConfigError
 from locbe.fileio import atomic_path
 
 
@@ -73,12 +74,14 @@ def make_cls_labels(root: str | Path, splits: list[str] | None = None, num_class
     (default ``root/cls_labels_onehot.npy``). Returns (path, labels)."""
     from tqdm import tqdm
 
+    from locbe.data.voc import labels_from_mask, read_mask
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist; pass --data-root pointing at VOC2012 "
                                 "(or COCO in VOC layout)")
     if num_classes < 2:
-        raise ValueError(f"--num-classes must be >= 2 (background + at least one class), got {num_classes}")
+        raise ConfigError(f"--num-classes must be >= 2 (background + at least one class), got {num_classes}")
     out = Path(out) if out else root / LABEL_FILE
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it or --out to write elsewhere")

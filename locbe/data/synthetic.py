@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from locbe.data.classes import VOC_CLASSES, voc_palette
+from locbe.errors import ConfigError
 
 GENERATOR_VERSION = 1
 NUM_FG = len(VOC_CLASSES) - 1
@@ -208,9 +209,9 @@ def make_synthetic(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), fo
 
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="target folder (VOC layout)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=SyntheticConfig.num_train)
-    p.add_argument("--num-val", type=int, default=SyntheticConfig.num_val)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images and masks")
+    p.add_argument("--num-train", type=int, default=SyntheticConfig.num_train, help="images in the train_aug split")
+    p.add_argument("--num-val", type=int, default=SyntheticConfig.num_val, help="images in the val split")
     p.add_argument("--size-range", type=int, nargs=2, default=(SyntheticConfig.min_size, SyntheticConfig.max_size),
                    metavar=("MIN", "MAX"), help="image side lengths in pixels")
     p.add_argument("--force", action="store_true", help="replace an existing, different dataset at --out")
@@ -219,7 +220,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     lo, hi = args.size_range
     if args.num_train < 1 or args.num_val < 1 or not 32 <= lo <= hi:
-        raise ValueError("need --num-train >= 1, --num-val >= 1 and 32 <= MIN <= MAX for --size-range")
+        raise ConfigError("need --num-train >= 1, --num-val >= 1 and 32 <= MIN <= MAX for --size-range")
     cfg = SyntheticConfig(seed=args.seed, num_train=args.num_train, num_val=args.num_val, min_size=lo, max_size=hi)
     t0 = time.perf_counter()
     out = make_synthetic(args.out, cfg, force=args.force)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from locbe.data.classes import IGNORE_INDEX, normalize
+from locbe.data.classes import IGNORE_INDEX, LABEL_FILE, MASK_DIRS, normalize
 from locbe.data.transforms import AugmentConfig, augment
 from locbe.errors import DataError, MissingPathError
 
-MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
-LABEL_FILE = "cls_labels_onehot.npy"
+__all__ = ["LABEL_FILE", "MASK_DIRS", "VOCSegmentation", "build_dataset", "labels_from_mask", "read_image",
+           "read_mask"]
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -61,23 +61,54 @@ def load_extension(cuda: bool | None = None):
     return _load("locbe_lattice_cpu", [src / "lattice_cpu.cpp"], cuda=False)
 
 
+def find_cuda_home() -> Path | None:
+    """The CUDA toolkit to compile with: ``$CUDA_HOME`` / ``$CUDA_PATH``, else ``/usr/local/cuda``, else the
+    toolkit of the ``nvcc`` on PATH (a wrapper script is followed to the toolkit it runs). A toolkit is a
+    folder with ``bin/nvcc`` and ``include/cuda_runtime.h``; None when there is none."""
+    def toolkit(folder) -> Path | None:
+        folder = Path(folder)
+        ok = (folder / "bin" / "nvcc").is_file() and (folder / "include" / "cuda_runtime.h").is_file()
+        return folder if ok else None
+
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and toolkit(candidate):
+            return toolkit(candidate)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = Path(nvcc).resolve()
+    if found := toolkit(nvcc.parent.parent):
+        return found
+    try:  # e.g. /usr/local/bin/nvcc holding `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+        text = nvcc.read_text(errors="ignore") if nvcc.stat().st_size < 4096 else ""
+    except OSError:
+        return None
+    for word in text.split():
+        if word.endswith("/bin/nvcc") and (found := toolkit(Path(word).parent.parent)):
+            return found
+    return None
+
+
 def build_cuda(build_directory: str, archs: str = DEFAULT_CUDA_ARCHS, verbose: bool = False) -> Path:
     """Compile and link the CUDA backend (no GPU needed); returns the shared library's path."""
     import torch.utils.cpp_extension as ext
 
-    if ext.CUDA_HOME is None:
+    home = find_cuda_home()
+    if home is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend")
     src = source_dir()
-    before = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    before = os.environ.get("TORCH_CUDA_ARCH_LIST"), ext.CUDA_HOME
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    ext.CUDA_HOME = str(home)  # torch guesses it once at import, from nvcc on PATH (a wrapper script misleads it)
     try:
         _load("locbe_lattice_cuda_build", [src / "lattice_cpu.cpp", src / "lattice_cuda.cu"], cuda=True,
               build_directory=build_directory, verbose=verbose, is_python_module=False)
     finally:
-        if before is None:
+        ext.CUDA_HOME = before[1]
+        if before[0] is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = before
+            os.environ["TORCH_CUDA_ARCH_LIST"] = before[0]
     lib = Path(build_directory) / "locbe_lattice_cuda_build.so"
     if not lib.is_file():
         raise RuntimeError(f"the CUDA build finished without producing {lib}")
@@ -88,7 +119,7 @@ def add_arguments(p) -> None:
     p.add_argument("--cuda", action="store_true", help="also compile and link the CUDA backend (needs nvcc)")
     p.add_argument("--archs", default=DEFAULT_CUDA_ARCHS, help="TORCH_CUDA_ARCH_LIST for the CUDA build")
     p.add_argument("--build-dir", default=None, help="where to put the CUDA build (default: a cache folder)")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
 
 
 def run(args) -> int:

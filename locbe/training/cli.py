@@ -63,6 +63,7 @@ def add_arguments(p, argv=()) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=1e-4 (repeatable; --print-config lists them)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args) -> TrainConfig:
@@ -96,7 +97,8 @@ def run(args) -> int:
     from locbe.train import train
 
     try:
-        result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new)
+        result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new,
+                       progress=not args.no_progress)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
