@@ -176,25 +176,8 @@ def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int 
     return model.to(device).eval(), config
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="our .pth, or the authors' LOC-BE / ToCo .pth")
-    p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"])
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default="val")
-    p.add_argument("--backbone", help="needed for the authors' checkpoints if not ViT-B/16")
-    p.add_argument("--num-classes", type=int, help="21 VOC, 81 COCO (read from our checkpoints)")
-    p.add_argument("--multi-scale", action="store_true", help="scales 1.0/1.25/1.5 x flip")
-    p.add_argument("--crf", action="store_true", help="dense CRF post-processing (pydensecrf)")
-    p.add_argument("--cam", action="store_true", help="also CAM and PAR pseudo-label mIoU")
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--workers", type=int, default=EvalOptions.workers, help="CRF processes")
-    p.add_argument("--save-predictions", type=Path, help="write palette PNGs here")
-    p.add_argument("--save-logits", action="store_true", help="with --save-predictions: also fp16 .npy logits")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", type=Path, help="metrics.json goes here (default: next to the checkpoint)")
-
-
 def run(args) -> int:
+    """`locbe eval` (arguments: locbe/eval/cli.py)."""
     from locbe.config import get_preset
     from locbe.data import VOC_CLASSES, build_dataset
 
