@@ -66,6 +66,8 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 def denormalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """The authors' PAR input (``denormalize_img2``): x * std_255 + mean_255 cast to uint8 (truncation,
     not rounding), then / 255. Differs from :func:`denormalize` by up to 1/255 per pixel."""
+    import torch
+
     mean = images.new_tensor([255.0 * m for m in IMAGENET_MEAN]).view(1, 3, 1, 1)
     std = images.new_tensor([255.0 * s for s in IMAGENET_STD]).view(1, 3, 1, 1)
     return (images * std + mean).to(torch.uint8).to(images.dtype) / 255.0
