@@ -1,47 +1,52 @@
 """`locbe train`: one readable training loop, single process or under torchrun.
 
-Multi-process: launch with ``torchrun --nproc_per_node=N -m locbe.cli train ...`` (NCCL on GPU,
-gloo on CPU). Every rank reads its own shard through a DistributedSampler; gradients are averaged
-with one coalesced all-reduce after ``backward``. A LOC-BE step calls the network many times with
-different sub-graphs (CAM scales, main view, erased view, local crops); averaging explicitly keeps
-that correct without DDP's single-forward assumptions, and equals DDP's gradient mean.
+The loop is ``train`` below, top to bottom; its parts live in ``locbe/training/``: ``distributed``
+(torchrun process group, gradient mean), ``optim`` (AdamW groups, warmup + poly LR), ``rng`` (seeds,
+RNG states), ``checkpoint`` (atomic resumable checkpoints, environment record), ``sharding`` (this
+rank's shard of each epoch), ``rundir`` (a run directory bound to its config, logs), ``signals``
+(SIGINT/SIGTERM stop at a step boundary) and ``cli`` (the arguments).
 
-Batch-coupled terms (sc, seg, reg, loc: ratios of sums or sampling over the batch) are computed
-per rank on the rank's own images, as in the authors' multi-GPU training.
+Multi-process: launch with ``torchrun --nproc_per_node=N -m locbe.cli train ...``. Every rank reads
+its own shard; gradients are averaged with one all-reduce after ``backward``. Batch-coupled terms
+(sc, seg, reg, loc) are computed per rank on the rank's own images, as in the authors' training.
 
-Nothing is lost on a crash: checkpoints are written atomically (temp file + fsync + rename) with
-model, optimiser, step and RNG states; ``--resume`` continues bit-for-bit (on CPU) because data order,
-augmentation and the step's random choices are pure functions of (seed, epoch/step, index/rank).
-A non-finite loss stops the run before the optimiser step and saves the last good state; SIGINT /
-SIGTERM and a data error save the state at the last step boundary too. The run directory is bound to
-its config (``locbe.training.rundir``): resuming with other settings is refused.
+Nothing is lost on a crash: checkpoints are atomic with model, optimiser, step and RNG states;
+``--resume`` continues bit-for-bit (on CPU) because data order, augmentation and the step's random
+choices are pure functions of (seed, epoch/step, index/rank). A non-finite loss, SIGINT/SIGTERM and
+a data error save the state at the last step boundary before the run stops.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from locbe.config import TrainConfig
-from locbe.errors import DataError, Interrupted, LocbeError, NonFiniteLossError, one_line
-from locbe.fileio import atomic_path, atomic_write_json
+from locbe.errors import DataError, NonFiniteLossError, one_line
 from locbe.training import rundir
-from locbe.training.signals import StopRequest, ignore_interrupt_in_worker
+from locbe.training.checkpoint import environment_info, load_training_state, save_checkpoint
+from locbe.training.distributed import (
+    DistInfo,
+    any_rank,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    reduce_mean,
+    setup_distributed,
+)
+from locbe.training.optim import build_optimizer, lr_multiplier, set_lr
+from locbe.training.rng import seed_everything
+from locbe.training.sharding import FetchError, batches_per_epoch, build_train_dataset, epoch_batches, fetch
+from locbe.training.signals import StopRequest, interrupted
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
-
-CHECKPOINT_FORMAT = 1
+__all__ = ["NonFiniteLossError", "TrainResult", "average_gradients", "build_optimizer", "lr_multiplier",
+           "setup_distributed", "train"]
 
 
 @dataclass
@@ -52,262 +57,34 @@ class TrainResult:
     last_losses: dict[str, float]
 
 
-# ----------------------------------------------------------------------------- distributed
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise LocbeError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
-    if world == 1:
-        return DistInfo(), torch.device("cuda" if want_cuda else "cpu")
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    if want_cuda:
-        torch.cuda.set_device(info.local_rank)
-        return info, torch.device("cuda", info.local_rank)
-    return info, torch.device("cpu")
-
-
-def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Mean of every gradient over ranks, one flat all-reduce (what DDP computes, minus its overlap).
-
-    A None gradient stays None (AdamW then skips that parameter, as in one process): zero-filling it
-    would let AdamW decay parameters that never entered the loss, so runs would depend on the number
-    of processes. Every rank computes the same step graph, so every rank has the same None set."""
-    if world_size == 1:
-        return
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def reduce_mean(values: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
-    if world_size == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return {k: float(v) / world_size for k, v in zip(keys, t.tolist())}
-
-
-# ----------------------------------------------------------------------------- optimisation
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from ``warmup_ratio`` over ``warmup_steps``, then poly decay on the global step."""
-    if step < cfg.warmup_steps:
-        return 1.0 - (1.0 - step / cfg.warmup_steps) * (1.0 - cfg.warmup_ratio)
-    return max(0.0, 1.0 - step / cfg.max_steps) ** cfg.poly_power
-
-
-def build_optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    groups = []
-    for g in net.param_groups():
-        g = dict(g)
-        g.setdefault("lr_mult", 1.0)
-        g["lr"] = cfg.lr * g["lr_mult"]
-        g.setdefault("weight_decay", cfg.weight_decay)
-        groups.append(g)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
-    mult = lr_multiplier(step, cfg)
-    for g in optimizer.param_groups:
-        g["lr"] = cfg.lr * g.get("lr_mult", 1.0) * mult
-    return cfg.lr * mult
-
-
-# ----------------------------------------------------------------------------- reproducibility
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """All RNG states as tensors/ints/tuples, so checkpoints load with ``torch.load(weights_only=True)``."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                    int(has_gauss), float(gauss)),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def environment_info(cfg: TrainConfig, device: torch.device, world_size: int) -> dict:
-    import timm
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {
-        "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
-        "numpy": np.__version__, "device": str(device), "world_size": world_size,
-        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(), "seed": cfg.seed, "deterministic": cfg.deterministic,
-        "commit": commit, "config_hash": cfg.config_hash(), "argv": sys.argv,
-    }
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def save_checkpoint(path: Path, net, optimizer, step: int, cfg: TrainConfig) -> None:
-    import locbe
-
-    atomic_torch_save({
-        "format": CHECKPOINT_FORMAT, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-        "step": step, "rng": rng_state(), "config": cfg.to_dict(), "locbe_version": locbe.__version__,
-    }, path)
-
-
-def load_training_state(path: Path, net, optimizer) -> int:
-    """Restore model, optimiser and RNG from our checkpoint; returns the completed step."""
-    from locbe.models.checkpoint import load_state, read_checkpoint
-
-    ckpt = read_checkpoint(path)  # once: weights, optimiser and RNG come from the same read
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise LocbeError(f"{path} is not a locbe training checkpoint (no 'format': {CHECKPOINT_FORMAT}); "
-                         "to start from foreign weights use --init-from instead of --resume")
-    load_state(net, ckpt, path, strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
-
-
-# ----------------------------------------------------------------------------- data
-class _ShardFromOffset(torch.utils.data.Sampler):
-    """This rank's indices for one epoch, skipping the first ``skip`` (resume mid-epoch)."""
-
-    def __init__(self, indices: list[int], skip: int):
-        self.indices = indices[skip:]
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def epoch_batches(dataset, cfg: TrainConfig, info: DistInfo, epoch: int, skip_batches: int):
-    """DataLoader over this rank's shard of ``epoch`` (reshuffled per epoch by the seed)."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=True, seed=cfg.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    indices = list(sampler)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=_ShardFromOffset(indices, skip_batches * cfg.batch_size),
-        num_workers=cfg.num_workers, drop_last=True, pin_memory=False,
-        persistent_workers=False, worker_init_fn=ignore_interrupt_in_worker if cfg.num_workers else None)
-
-
-def batches_per_epoch(dataset, cfg: TrainConfig, info: DistInfo) -> int:
-    per_rank = len(dataset) // info.world_size
-    n = per_rank // cfg.batch_size
-    if n == 0:
-        raise DataError(f"the training split has {len(dataset)} images: fewer than one batch of "
-                         f"{cfg.batch_size} per process x {info.world_size} processes; lower --batch-size")
-    return n
-
-
-def build_train_dataset(cfg: TrainConfig):
-    from locbe.data import build_dataset
-
-    if cfg.data_root is None:
-        raise DataError(f"--data-root is required for dataset {cfg.dataset!r} "
-                         "(e.g. VOCdevkit/VOC2012; `locbe make-synthetic --out DIR` makes a small one)")
-    from locbe.data.transforms import AugmentConfig
-
-    augment_cfg = AugmentConfig(crop_size=cfg.crop_size, mirror_box=cfg.fidelity == "fixed")
-    return build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, train=True, crop_size=cfg.crop_size,
-                         num_classes=cfg.num_classes, seed=cfg.seed, augment_cfg=augment_cfg)
-
-
-# ----------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
           progress: bool = True, max_steps_this_run: int | None = None) -> TrainResult:
     """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks)."""
     from tqdm import tqdm
 
-    from locbe.models import build_model, load_checkpoint
-    from locbe.par import PAR
     from locbe.step import step_generator, training_step
 
     cfg.validate()
     info, device = setup_distributed(cfg.device)
-    out_dir = Path(cfg.out_dir)
-    last_path, final_path = rundir.checkpoint_paths(out_dir)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed + info.rank)
-
     dataset = build_train_dataset(cfg)
     rundir.prepare(cfg, resume=resume, force_new=force_new, is_main=info.is_main)
-    net = build_model(cfg.backbone, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
-                      aux_layer=cfg.aux_layer).to(device)
-    if init_from:
-        load_checkpoint(net, init_from, strict=True)
-    optimizer = build_optimizer(net, cfg)
-    par = PAR(low_memory=cfg.fast_step).to(device)  # same maths, no neighbour stacks (tests/test_step.py)
-    reg_loss = _build_reg_loss(cfg, device)
-
+    net, optimizer, par, reg_loss = build_training(cfg, device, init_from)
+    out_dir, (last_path, final_path) = Path(cfg.out_dir), rundir.checkpoint_paths(cfg.out_dir)
     step = load_training_state(last_path, net, optimizer) if resume else 0
-    if info.world_size > 1:  # start every rank from rank 0's parameters, as DDP does
-        for t in net.state_dict().values():
-            dist.broadcast(t, src=0)
-
+    broadcast_parameters(net, info.world_size)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rundir.truncate_logs(out_dir, step)
-        atomic_write_json(out_dir / "config.json", cfg.to_dict())
-        atomic_write_json(out_dir / "env.json", environment_info(cfg, device, info.world_size))
+        rundir.start(out_dir, step, cfg.to_dict(), environment_info(cfg, device, info.world_size))
 
     params = [p for p in net.parameters() if p.requires_grad]
     n_batches = batches_per_epoch(dataset, cfg, info)
     stop_at = cfg.max_steps if max_steps_this_run is None else min(cfg.max_steps, step + max_steps_this_run)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16
-                else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     bar = tqdm(total=stop_at, initial=step, desc=f"train {cfg.preset}", disable=not (progress and info.is_main),
                dynamic_ncols=True)
-    log_path = out_dir / "log.jsonl"
     last_losses: dict[str, float] = {}
-    net.train()
     t_start = time.perf_counter()
 
     def save_and_stop(error: BaseException) -> None:
@@ -316,14 +93,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
             save_checkpoint(last_path, net, optimizer, step, cfg)
         raise error
 
+    net.train()
     with StopRequest() as stop:
         try:
             while step < stop_at:
-                epoch, skip = divmod(step, n_batches)
-                for batch in _fetch(epoch_batches(dataset, cfg, info, epoch, skip)):
+                for batch in fetch(epoch_batches(dataset, cfg, info, *divmod(step, n_batches))):
                     if step >= stop_at:
                         break
-                    n = step + 1  # steps done after this one
                     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                              for k, v in batch.items()}
                     lr = set_lr(optimizer, step, cfg)
@@ -331,97 +107,75 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
                         out = training_step(net, batch, step, cfg, par=par, reg_loss=reg_loss,
                                             generator=step_generator(cfg.seed, step, info.rank))
                     if not torch.isfinite(out.total):
-                        terms = {k: float(v) for k, v in out.terms.items()}
                         save_and_stop(NonFiniteLossError(
-                            f"non-finite loss at step {n}: {terms}. The state after step {step} is saved in "
-                            f"{last_path}; lower the lr (--set lr=...) or set --set grad_clip=1.0, then --resume."))
+                            f"non-finite loss at step {step + 1}: {loss_values(out)}. The state after step {step} "
+                            f"is saved in {last_path}; lower the lr (--set lr=...) or --set grad_clip=1.0, "
+                            "then --resume."))
                     optimizer.zero_grad(set_to_none=True)
                     out.total.backward()
                     average_gradients(params, info.world_size)
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
-                    step = n
+                    step += 1
 
                     if step % cfg.log_every == 0 or step == stop_at:
-                        losses = {k: float(v) for k, v in out.terms.items()}
-                        losses["total"] = float(out.total.detach())
-                        last_losses = reduce_mean(losses, info.world_size, device)
+                        last_losses = reduce_mean(loss_values(out), info.world_size, device)
                         if info.is_main:
-                            row = {"step": step, "lr": lr, "time": round(time.perf_counter() - t_start, 2),
-                                   **{k: round(v, 5) for k, v in last_losses.items()}}
-                            with open(log_path, "a") as f:
-                                f.write(json.dumps(row) + "\n")
-                            bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()
-                                             if k in ("total", "cls", "seg", "be", "loc")})
+                            log_step(out_dir, step, lr, time.perf_counter() - t_start, last_losses, bar)
                     bar.update(1)
                     if info.is_main and (step % cfg.ckpt_every == 0 or step == stop_at):
                         save_checkpoint(last_path, net, optimizer, step, cfg)
                     if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
-                        _periodic_validation(net, cfg, device, info, step, out_dir)
+                        periodic_validation(net, cfg, device, info, step, out_dir)
                     if any_rank(stop.requested, info.world_size, device) and step < stop_at:
-                        save_and_stop(_interrupted(stop, step, last_path, cfg))
-        except _FetchError as e:  # the DataLoader failed; a stop signal may have taken its workers down
-            error = (_interrupted(stop, step, last_path, cfg) if stop.requested else
-                     DataError(f"{one_line(e.__cause__)} [reading the batch of step {step + 1}; the state after "
-                               f"step {step} is saved in {last_path}: fix the data, then --resume]"))
-            save_and_stop(error)
+                        save_and_stop(interrupted(stop, step, last_path, cfg.out_dir))
+        except FetchError as e:  # the DataLoader failed; a stop signal may have taken its workers down
+            save_and_stop(interrupted(stop, step, last_path, cfg.out_dir) if stop.requested else
+                          DataError(f"{one_line(e.__cause__)} [reading the batch of step {step + 1}; the state "
+                                    f"after step {step} is saved in {last_path}: fix the data, then --resume]"))
         finally:
             bar.close()
 
     if info.is_main and step >= cfg.max_steps:
         save_checkpoint(final_path, net, optimizer, step, cfg)
-    if info.world_size > 1:
-        dist.barrier()
+    barrier(info.world_size)
     return TrainResult(out_dir, final_path if step >= cfg.max_steps else last_path, step, last_losses)
 
 
-class _FetchError(Exception):
-    """Raised from the batch iterator: the DataLoader (or a worker) failed; the cause is chained."""
+# ----------------------------------------------------------------------------- the loop's helpers
+def build_training(cfg: TrainConfig, device: torch.device, init_from: str | None):
+    """Network (optionally from a full checkpoint), AdamW, PAR and the regularized loss (None when unused)."""
+    from locbe.models import build_model, load_checkpoint
+    from locbe.par import PAR
+
+    net = build_model(cfg.backbone, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
+                      aux_layer=cfg.aux_layer).to(device)
+    if init_from:
+        load_checkpoint(net, init_from, strict=True)
+    par = PAR(low_memory=cfg.fast_step).to(device)  # same maths, no neighbour stacks (tests/test_step.py)
+    reg_loss = None
+    if cfg.use_reg and any("reg" in p.weights for p in cfg.phases):
+        from locbe.regloss import RegularizedLoss
+
+        reg_loss = RegularizedLoss().to(device)
+    return net, build_optimizer(net, cfg), par, reg_loss
 
 
-def _fetch(loader):
-    """Iterate ``loader``, wrapping its errors in ``_FetchError`` so the loop can tell them from its own."""
-    try:
-        batches = iter(loader)
-    except Exception as e:
-        raise _FetchError() from e
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as e:
-            raise _FetchError() from e
-        yield batch
+def loss_values(out) -> dict[str, float]:
+    return {**{k: float(v) for k, v in out.terms.items()}, "total": float(out.total.detach())}
 
 
-def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True when ``flag`` is set on any rank, so that every rank stops at the same step."""
-    if world_size == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def log_step(out_dir: Path, step: int, lr: float, seconds: float, losses: dict[str, float], bar) -> None:
+    """One row of ``log.jsonl`` and the progress bar's loss read-out."""
+    row = {"step": step, "lr": lr, "time": round(seconds, 2),
+           **{k: round(v, 5) for k, v in losses.items()}}
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k in ("total", "cls", "seg", "be", "loc")})
 
 
-def _interrupted(stop: StopRequest, step: int, last_path: Path, cfg: TrainConfig) -> Interrupted:
-    import signal
-
-    signum = stop.signum or signal.SIGTERM  # another rank received it
-    return Interrupted(f"stopped by {signal.Signals(signum).name}: the state after step {step} is saved in "
-                       f"{last_path}; continue with --resume --out {cfg.out_dir}", signum)
-
-
-def _build_reg_loss(cfg: TrainConfig, device: torch.device):
-    if not cfg.use_reg or not any("reg" in p.weights for p in cfg.phases):
-        return None
-    from locbe.regloss import RegularizedLoss
-
-    return RegularizedLoss().to(device)
-
-
-def _periodic_validation(net, cfg: TrainConfig, device, info: DistInfo, step: int, out_dir: Path) -> None:
+def periodic_validation(net, cfg: TrainConfig, device, info: DistInfo, step: int, out_dir: Path) -> None:
     """CAM, aux-CAM and seg mIoU on the val split at single scale (rank 0 only), appended to val.jsonl."""
     if not info.is_main:
         return

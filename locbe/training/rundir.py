@@ -127,3 +127,14 @@ def truncate_logs(out_dir: str | Path, step: int) -> None:
                 kept.append(line)
         if kept != lines:
             atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def start(out_dir: str | Path, step: int, config: dict, env: dict) -> None:
+    """Rank 0, once the state is loaded: logs cut back to ``step``, then the config and environment recorded."""
+    from locbe.fileio import atomic_write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truncate_logs(out_dir, step)
+    atomic_write_json(out_dir / "config.json", config)
+    atomic_write_json(out_dir / "env.json", env)

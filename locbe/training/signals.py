@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
+
+from locbe.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -48,3 +51,10 @@ class StopRequest:
 def ignore_interrupt_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: the main process decides when to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def interrupted(stop: StopRequest, step: int, last_path: Path, out_dir: str) -> Interrupted:
+    """The error that ends a run stopped by a signal, after the state of ``step`` was saved."""
+    signum = stop.signum or signal.SIGTERM  # another rank received it
+    return Interrupted(f"stopped by {signal.Signals(signum).name}: the state after step {step} is saved in "
+                       f"{last_path}; continue with --resume --out {out_dir}", signum)
