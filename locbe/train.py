@@ -109,8 +109,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
                     if not torch.isfinite(out.total):
                         save_and_stop(NonFiniteLossError(
                             f"non-finite loss at step {step + 1}: {loss_values(out)}. The state after step {step} "
-                            f"is saved in {last_path}; lower the lr (--set lr=...) or --set grad_clip=1.0, "
-                            "then --resume."))
+                            f"is saved in {last_path}. Start over with a lower lr (--set lr=...) or with "
+                            "--set grad_clip=1.0, and --force-new (a resume keeps the run's config)."))
                     optimizer.zero_grad(set_to_none=True)
                     out.total.backward()
                     average_gradients(params, info.world_size)
@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         except FetchError as e:  # the DataLoader failed; a stop signal may have taken its workers down
             save_and_stop(interrupted(stop, step, last_path, cfg.out_dir) if stop.requested else
                           DataError(f"{one_line(e.__cause__)} [reading the batch of step {step + 1}; the state "
-                                    f"after step {step} is saved in {last_path}: fix the data, then --resume]"))
+                                    f"after step {step} is saved in {last_path}; fix the data: {rundir.RESUME_HINT}]"))
         finally:
             bar.close()
 

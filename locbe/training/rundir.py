@@ -20,6 +20,8 @@ from locbe.errors import ConfigError, MissingPathError, RunDirError
 from locbe.fileio import atomic_write_text
 
 LOGS = ("log.jsonl", "val.jsonl")
+# how to continue after a stop; `locbe reproduce` has no --resume: it resumes by itself
+RESUME_HINT = "`locbe train ... --resume` (same flags) or the same `locbe reproduce` command continues"
 _STALE_TMP = re.compile(r"^\..+\.tmp\d+(\.[A-Za-z0-9]+)?$")  # locbe.fileio.atomic_path's temp names
 _ABSENT = object()
 

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from locbe.errors import Interrupted
+from locbe.training.rundir import RESUME_HINT
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -57,4 +58,4 @@ def interrupted(stop: StopRequest, step: int, last_path: Path, out_dir: str) -> 
     """The error that ends a run stopped by a signal, after the state of ``step`` was saved."""
     signum = stop.signum or signal.SIGTERM  # another rank received it
     return Interrupted(f"stopped by {signal.Signals(signum).name}: the state after step {step} is saved in "
-                       f"{last_path}; continue with --resume --out {out_dir}", signum)
+                       f"{last_path}; {RESUME_HINT} (--out {out_dir})", signum)
