@@ -446,8 +446,8 @@ def test_make_cls_labels_splits_and_out(tmp_path):
     assert sorted(labels) == names
     assert all(np.flatnonzero(labels[n]).tolist() == [i] for i, n in enumerate(names))
     assert all(v.shape == (C - 1,) and v.dtype == np.float32 for v in labels.values())
-    with pytest.raises(FileExistsError, match="--force"):
-        cli_main(["make-cls-labels", "--data-root", str(tmp_path), "--no-progress"])
+    with pytest.raises(FileExistsError, match="--force"):  # --debug: the error itself, not its one-line print
+        cli_main(["--debug", "make-cls-labels", "--data-root", str(tmp_path), "--no-progress"])
     assert cli_main(["make-cls-labels", "--data-root", str(tmp_path), "--no-progress", "--force",
                      "--splits", "train,val", "--num-classes", "81"]) == 0
     assert np.load(tmp_path / LABEL_FILE, allow_pickle=True).item()["img0"].shape == (80,)
@@ -474,6 +474,7 @@ def test_make_cls_labels_errors_name_the_path(tmp_path, case):
         path, exc = tmp_path / "SegmentationClassAug" / "img0.png", ValueError
         Image.fromarray(np.full((24, 32), 40, dtype=np.uint8), mode="L").save(path)
     with pytest.raises(exc) as info:
-        cli_main(["make-cls-labels", "--data-root", str(root), "--no-progress", *extra])
+        cli_main(["--debug", "make-cls-labels", "--data-root", str(root), "--no-progress", *extra])
     assert str(path) in str(info.value)
+    assert cli_main(["make-cls-labels", "--data-root", str(root), "--no-progress", *extra]) == 2  # one line
     assert not (tmp_path / LABEL_FILE).exists()
