@@ -63,7 +63,7 @@ def threads(n: int):
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    return load_extension(cuda=False)
+    return load_extension()
 
 
 inputs = st.fixed_dictionaries({
@@ -140,8 +140,8 @@ def test_deterministic_mode_bitwise_across_runs_and_threads(dtype):
 
 def test_atomic_splat_refused_in_deterministic_mode(extension):
     image, values = torch.rand(1, 3, 4, 4) * 255, torch.rand(1, 2, 4, 4)
-    with pytest.raises(RuntimeError, match="not deterministic"):
-        extension.lattice_filter(image, values, 5.0, 5.0, True, False, True)
+    with deterministic_mode(), pytest.raises(RuntimeError, match="not deterministic"):
+        extension.lattice_filter(image, values, 5.0, 5.0, False, True)
 
 
 # ---------------------------------------------------------------------------- autograd
