@@ -373,8 +373,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
 def _build_reg_loss(cfg: TrainConfig, device: torch.device):
     if not cfg.use_reg or not any("reg" in p.weights for p in cfg.phases):
         return None
-    from locbe.regloss import RegularizedLoss
+    from locbe.regloss import RegularizedLoss, ensure_loaded
 
+    ensure_loaded()  # build/load the op and run it once now: a missing op must fail before step 0, not at step 2001
     return RegularizedLoss().to(device)
 
 

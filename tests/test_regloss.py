@@ -25,6 +25,7 @@ from locbe.regloss.reference import dense_filter, serial_lattice_filter
 # float32 kernel vs float64 serial reference: both round features to float32 the same way, so only
 # the accumulation order/precision differs (measured 6.6e-8); 1e-5 is the bound.
 REL_TOL = 1e-5
+SCALE = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 1  # tox -e hypothesis
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,7 +84,7 @@ def make_inputs(p):
 
 
 # ---------------------------------------------------------------------------- kernel vs serial reference
-@settings(max_examples=40)
+@settings(max_examples=40 * SCALE)
 @given(p=inputs, transpose=st.booleans(), atomic=st.booleans())
 def test_kernel_matches_serial_reference(p, transpose, atomic):
     image, values = make_inputs(p)
@@ -151,11 +152,7 @@ def test_gradcheck_quadratic_form():
     assert torch.autograd.gradcheck(lambda s: -(s * lattice_filter(image, s, 4.0, 20.0)).sum(), (s,))
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 2, 5, 3), (1, 4, 1, 8)])
-def test_gradcheck_filter(shape):
-    image = torch.rand(shape[0], 3, *shape[2:], dtype=torch.float64) * 255
-    s = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s: lattice_filter(image, s, 2.0, 30.0), (s,))
+# hypothesis-driven gradcheck / gradgradcheck / VJP checks over shapes, dtypes and layouts: tests/test_regloss_op.py
 
 
 # ---------------------------------------------------------------------------- gated loss
@@ -247,7 +244,7 @@ def test_dense_reference_against_pairwise_loop():
 
 
 # ---------------------------------------------------------------------------- invariances
-@settings(max_examples=15)
+@settings(max_examples=15 * SCALE)
 @given(p=inputs, data=st.data())
 def test_class_permutation_and_linearity(p, data):
     image, values = make_inputs(p)
