@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 
 #include "lattice_kernels.h"
 
@@ -37,18 +38,29 @@ struct SerialLaunch {
   }
 };
 
-// LOCBE_LATTICE_PROFILE=1: per-stage wall times of each image filtered by SerialLaunch, on stderr (docs/regloss.md)
+// LOCBE_LATTICE_PROFILE=1: per-stage CPU times (this thread's, so other processes' load does not count) of each
+// image filtered by SerialLaunch, on stderr (docs/regloss.md)
 struct StageClock {
   bool on;
-  std::chrono::steady_clock::time_point t;
+  double t = 0;
   char buf[512];
   int len = 0;
-  StageClock(bool enabled) : on(enabled), t(std::chrono::steady_clock::now()) {}
+  static double now_ms() {
+#ifdef __linux__
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+#else
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+#endif
+  }
+  explicit StageClock(bool enabled) : on(enabled) {
+    if (on) t = now_ms();
+  }
   void mark(const char* stage) {
     if (!on) return;
-    auto now = std::chrono::steady_clock::now();
-    len += std::snprintf(buf + len, sizeof(buf) - len, " %s %.2f", stage,
-                         std::chrono::duration<double, std::milli>(now - t).count());
+    const double now = now_ms();
+    len += std::snprintf(buf + len, sizeof(buf) - len, " %s %.2f", stage, now - t);
     t = now;
   }
   ~StageClock() {
@@ -85,8 +97,8 @@ void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t
                                          static_cast<float>(1.0 / sigma_rgb), pixel_keys.data_ptr<int16_t>(),
                                          weights.data_ptr<scalar_t>()});
   clock.mark("alloc+elevate");
-  Launch::run(entries, InsertKernel{table.data_ptr<int>(), mask, pixel_keys.data_ptr<int16_t>(),
-                                    entry_lattice.data_ptr<int32_t>()});
+  Launch::run(entries, InsertKernel<Launch::kSerial>{table.data_ptr<int>(), mask, pixel_keys.data_ptr<int16_t>(),
+                                                      w, entry_lattice.data_ptr<int32_t>()});
   clock.mark("insert");
   auto slot_index = table.ne(kEmpty).cumsum(0, torch::kInt32);
   const int64_t m = slot_index[capacity - 1].item<int64_t>();

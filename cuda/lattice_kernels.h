@@ -166,18 +166,46 @@ struct ElevateKernel {
 
 // ---------------------------------------------------------------------------- 2. insert
 // One entry (pixel, vertex): claim a slot for its key (the slot keeps the first entry id that claimed it).
+// kInOrder: the launcher runs the entries one after the other (SerialLaunch). Then an entry whose key equals the
+// same vertex's key of the pixel to its left copies that entry's slot (already written) instead of probing the
+// table -- most entries on photos -- and the table needs no atomics. Parallel launchers use kInOrder = false.
+template <bool kInOrder>
 struct InsertKernel {
   int* table;
   int64_t mask;
   const int16_t* pixel_keys;
+  int64_t width;
   int32_t* entry_lattice;  // (N * kV) receives the slot; EntryLatticeKernel turns it into the lattice index
 
   HOST_DEVICE void operator()(int64_t e) const {
     int16_t key[kD], other[kD];
-    entry_key(pixel_keys, e, key);
+    if (kInOrder && (e / kV) % width != 0) {
+      // same key data as the left pixel (the common case on photos): every vertex has the left pixel's point
+      const int16_t* p = pixel_keys + (e / kV) * kPix;
+      bool same = true;
+      for (int j = 0; j < kPix; ++j) same = same && p[j] == p[j - kPix];
+      if (same) {
+        entry_lattice[e] = entry_lattice[e - kV];
+        return;
+      }
+      entry_key(pixel_keys, e, key);
+      entry_key(pixel_keys, e - kV, other);
+      if (keys_equal(other, key)) {
+        entry_lattice[e] = entry_lattice[e - kV];
+        return;
+      }
+    } else {
+      entry_key(pixel_keys, e, key);
+    }
     int64_t s = hash_key(key) & mask;
     while (true) {
-      const int found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
+      int found;
+      if (kInOrder) {
+        found = table[s];
+        if (found == kEmpty) table[s] = static_cast<int>(e);
+      } else {
+        found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
+      }
       if (found == kEmpty) break;
       entry_key(pixel_keys, found, other);
       if (keys_equal(other, key)) break;
