@@ -167,20 +167,19 @@ struct ElevateKernel {
 // ---------------------------------------------------------------------------- 2. insert
 // One entry (pixel, vertex): claim a slot for its key (the slot keeps the first entry id that claimed it).
 // kInOrder: the launcher runs the entries one after the other (SerialLaunch). Then an entry whose key equals the
-// same vertex's key of the pixel to its left copies that entry's slot (already written) instead of probing the
-// table -- most entries on photos -- and the table needs no atomics. Parallel launchers use kInOrder = false.
+// same vertex's key of the previous pixel copies that entry's slot (already written) instead of probing the
+// table, and the table needs no atomics. Parallel launchers use kInOrder = false.
 template <bool kInOrder>
 struct InsertKernel {
   int* table;
   int64_t mask;
   const int16_t* pixel_keys;
-  int64_t width;
   int32_t* entry_lattice;  // (N * kV) receives the slot; EntryLatticeKernel turns it into the lattice index
 
   HOST_DEVICE void operator()(int64_t e) const {
     int16_t key[kD], other[kD];
-    if (kInOrder && (e / kV) % width != 0) {
-      // same key data as the left pixel (the common case on photos): every vertex has the left pixel's point
+    if (kInOrder && e >= kV) {
+      // same key data as the previous pixel (the common case on photos): every vertex has that pixel's point
       const int16_t* p = pixel_keys + (e / kV) * kPix;
       bool same = true;
       for (int j = 0; j < kPix; ++j) same = same && p[j] == p[j - kPix];
