@@ -89,11 +89,11 @@ void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t
   auto weights = torch::empty({entries}, opts);
   auto entry_lattice = torch::empty({entries}, i32);
   const double alpha = 1.0 / (1.0 + std::pow(2.0, -kD));
-
+  clock.mark("alloc");
   Launch::run(n, ElevateKernel<scalar_t>{img, n, w, static_cast<float>(1.0 / sigma_xy),
                                          static_cast<float>(1.0 / sigma_rgb), pixel_keys.data_ptr<int16_t>(),
                                          weights.data_ptr<scalar_t>()});
-  clock.mark("alloc+elevate");
+  clock.mark("elevate");
   // Hash table size: a pixel whose key data equal the previous pixel's adds no new lattice point, so the points
   // number at most kV x (pixels that differ from the previous one, the first included). On photos that is a
   // fraction of all entries: a table several times smaller than one sized by N x kV (fewer cache misses, and the
@@ -104,7 +104,7 @@ void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t
   const int64_t mask = capacity - 1;
   auto table = torch::full({capacity}, kEmpty, i32);
   clock.mark("size");
-  Launch::run(entries, InsertKernel<Launch::kSerial>{table.data_ptr<int>(), mask, pixel_keys.data_ptr<int16_t>(),
+  Launch::run(n, InsertKernel<Launch::kSerial>{table.data_ptr<int>(), mask, pixel_keys.data_ptr<int16_t>(),
                                                       entry_lattice.data_ptr<int32_t>()});
   clock.mark("insert");
   auto slot_index = table.ne(kEmpty).cumsum(0, torch::kInt32);

@@ -96,6 +96,16 @@ HOST_DEVICE inline int64_t find_point(const int* table, int64_t mask, const int1
   }
 }
 
+// roundf(x) for |x| < 2^23, without a libm call (baseline x86-64 has no rounding instruction): x - trunc(x) is
+// exact, so the comparison with 0.5 decides exactly as roundf does (halves away from zero).
+HOST_DEVICE inline int round_half_away(float x) {
+  int t = static_cast<int>(x);
+  const float frac = x - static_cast<float>(t);
+  if (frac >= 0.5f) ++t;
+  else if (frac <= -0.5f) --t;
+  return t;
+}
+
 // ---------------------------------------------------------------------------- 1. elevate
 // One pixel: its compact key data and d+1 barycentric weights (the math of Kraehenbuehl's permutohedral.cpp).
 template <typename scalar_t>
@@ -127,7 +137,7 @@ struct ElevateKernel {
     int rem0[kV], rank[kV];
     int sum = 0;
     for (int j = 0; j <= kD; ++j) {
-      int rd = static_cast<int>(roundf(down * elevated[j]));
+      int rd = round_half_away(down * elevated[j]);
       rem0[j] = static_cast<int>(rd * up);
       sum += rd;
       rank[j] = 0;
@@ -165,10 +175,10 @@ struct ElevateKernel {
 };
 
 // ---------------------------------------------------------------------------- 2. insert
-// One entry (pixel, vertex): claim a slot for its key (the slot keeps the first entry id that claimed it).
-// kInOrder: the launcher runs the entries one after the other (SerialLaunch). Then an entry whose key equals the
-// same vertex's key of the previous pixel copies that entry's slot (already written) instead of probing the
-// table, and the table needs no atomics. Parallel launchers use kInOrder = false.
+// One pixel, its d+1 entries (pixel, vertex): claim a slot for each key (a slot keeps the first entry id that
+// claimed it). kInOrder: the launcher runs the pixels one after the other (SerialLaunch). Then a pixel whose key
+// data equal the previous pixel's copies that pixel's slots (already written) instead of probing the table, and
+// the table needs no atomics. Parallel launchers use kInOrder = false.
 template <bool kInOrder>
 struct InsertKernel {
   int* table;
@@ -176,41 +186,44 @@ struct InsertKernel {
   const int16_t* pixel_keys;
   int32_t* entry_lattice;  // (N * kV) receives the slot; EntryLatticeKernel turns it into the lattice index
 
-  HOST_DEVICE void operator()(int64_t e) const {
-    int16_t key[kD], other[kD];
-    if (kInOrder && e >= kV) {
-      // same key data as the previous pixel (the common case on photos): every vertex has that pixel's point
-      const int16_t* p = pixel_keys + (e / kV) * kPix;
+  HOST_DEVICE void operator()(int64_t pixel) const {
+    const int64_t e0 = pixel * kV;
+    if (kInOrder && pixel > 0) {
+      const int16_t* p = pixel_keys + pixel * kPix;
       bool same = true;
       for (int j = 0; j < kPix; ++j) same = same && p[j] == p[j - kPix];
       if (same) {
-        entry_lattice[e] = entry_lattice[e - kV];
+        for (int r = 0; r < kV; ++r) entry_lattice[e0 + r] = entry_lattice[e0 - kV + r];
         return;
       }
-      entry_key(pixel_keys, e, key);
-      entry_key(pixel_keys, e - kV, other);
-      if (keys_equal(other, key)) {
-        entry_lattice[e] = entry_lattice[e - kV];
-        return;
-      }
-    } else {
-      entry_key(pixel_keys, e, key);
     }
-    int64_t s = hash_key(key) & mask;
-    while (true) {
-      int found;
-      if (kInOrder) {
-        found = table[s];
-        if (found == kEmpty) table[s] = static_cast<int>(e);
-      } else {
-        found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
+    int16_t key[kD], other[kD];
+    for (int r = 0; r < kV; ++r) {
+      const int64_t e = e0 + r;
+      entry_key(pixel_keys, e, key);
+      if (kInOrder && pixel > 0) {  // the same vertex of the previous pixel often has the same key
+        entry_key(pixel_keys, e - kV, other);
+        if (keys_equal(other, key)) {
+          entry_lattice[e] = entry_lattice[e - kV];
+          continue;
+        }
       }
-      if (found == kEmpty) break;
-      entry_key(pixel_keys, found, other);
-      if (keys_equal(other, key)) break;
-      s = (s + 1) & mask;
+      int64_t s = hash_key(key) & mask;
+      while (true) {
+        int found;
+        if (kInOrder) {
+          found = table[s];
+          if (found == kEmpty) table[s] = static_cast<int>(e);
+        } else {
+          found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
+        }
+        if (found == kEmpty) break;
+        entry_key(pixel_keys, found, other);
+        if (keys_equal(other, key)) break;
+        s = (s + 1) & mask;
+      }
+      entry_lattice[e] = static_cast<int32_t>(s);
     }
-    entry_lattice[e] = static_cast<int32_t>(s);
   }
 };
 
