@@ -158,9 +158,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import time
 
+    import torch
+
     t0 = time.perf_counter()
-    load_extension(cuda=False)
-    print(f"CPU op library ready: {library_path(False)} ({time.perf_counter() - t0:.1f} s)")
+    load_extension()
+    cuda = torch.cuda.is_available()
+    print(f"{'CPU+CUDA' if cuda else 'CPU'} op library ready: {library_path(cuda)} ({time.perf_counter() - t0:.1f} s)")
     if args.cuda:
         t0 = time.perf_counter()
         build_dir = args.build_dir or str(cache_root() / "cuda_build")
