@@ -142,11 +142,13 @@ struct ElevateKernel {
       sum += rd;
       rank[j] = 0;
     }
+    float diff[kV];
+    for (int j = 0; j <= kD; ++j) diff[j] = elevated[j] - rem0[j];
     for (int a = 0; a < kD; ++a) {
-      float da = elevated[a] - rem0[a];
-      for (int b = a + 1; b <= kD; ++b) {
-        if (da < elevated[b] - rem0[b]) rank[a]++;
-        else rank[b]++;
+      for (int b = a + 1; b <= kD; ++b) {  // branch-free: the comparisons are unpredictable
+        const int lt = diff[a] < diff[b];
+        rank[a] += lt;
+        rank[b] += 1 - lt;
       }
     }
     for (int j = 0; j <= kD; ++j) {
