@@ -1,6 +1,7 @@
-// CPU backend: the kernels of lattice_kernels.h in OpenMP loops, the Python bindings, and the plain
-// serial reference (one channel at a time, std::map lattice, simple loops) used by the tests.
-#include <torch/extension.h>
+// CPU backend: the kernels of lattice_kernels.h in parallel loops (or one image per thread), the plain serial
+// reference (one channel at a time, std::map lattice, simple loops) used by the tests, and the registration of
+// the custom ops `locbe::lattice_filter` and `locbe::lattice_filter_serial` (TORCH_LIBRARY).
+#include <torch/library.h>
 
 #include <array>
 #include <map>
@@ -11,31 +12,20 @@
 namespace locbe {
 
 struct CpuLaunch {
+  static constexpr bool kSerial = false;
+  static constexpr bool kCuda = false;
   template <class F>
   static void run(int64_t n, const F& f) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) f(i);
+    at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
   }
 };
 
-#ifdef WITH_CUDA
-torch::Tensor lattice_filter_cuda(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
-                                  double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat);
-#endif
-
-torch::Tensor lattice_filter(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
-                             double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat) {
-  TORCH_CHECK(image.dim() == 4 && image.size(1) == 3, "image must be (B, 3, H, W)");
-  TORCH_CHECK(values.dim() == 4, "values must be (B, K, H, W)");
-  TORCH_CHECK(image.device() == values.device(), "image and values must be on the same device");
-  if (values.is_cuda()) {
-#ifdef WITH_CUDA
-    return lattice_filter_cuda(image, values, sigma_xy, sigma_rgb, deterministic, reverse, atomic_splat);
-#else
-    TORCH_CHECK(false, "this build of the locbe lattice extension has no CUDA backend");
-#endif
-  }
-  return lattice_filter_impl<CpuLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse, atomic_splat);
+torch::Tensor lattice_filter_cpu(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
+                                 double sigma_rgb, bool reverse, bool atomic_splat) {
+  TORCH_CHECK(values.device().is_cpu(), "lattice_filter_cpu got a tensor on ", values.device());
+  return lattice_filter_impl<CpuLaunch>(image, values, sigma_xy, sigma_rgb, reverse, atomic_splat);
 }
 
 // ---------------------------------------------------------------------------- serial reference
@@ -94,7 +84,7 @@ static void pixel_features(const float* img, int64_t i, int64_t n, int64_t w, do
 
 torch::Tensor lattice_filter_serial(const torch::Tensor& image_in, const torch::Tensor& values_in, double sigma_xy,
                                     double sigma_rgb, bool reverse) {
-  TORCH_CHECK(!values_in.is_cuda(), "the serial reference runs on the CPU");
+  TORCH_CHECK(values_in.device().is_cpu() && image_in.device().is_cpu(), "the serial reference runs on the CPU");
   auto image = image_in.contiguous().to(torch::kFloat32);
   auto values = values_in.contiguous().to(torch::kFloat64);
   const int64_t b = values.size(0), k = values.size(1), h = values.size(2), w = values.size(3), n = h * w;
@@ -152,14 +142,16 @@ torch::Tensor lattice_filter_serial(const torch::Tensor& image_in, const torch::
 
 }  // namespace locbe
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lattice_filter", &locbe::lattice_filter, "permutohedral bilateral filter of all channels (CPU/CUDA)",
-        py::arg("image"), py::arg("values"), py::arg("sigma_xy"), py::arg("sigma_rgb"), py::arg("deterministic"),
-        py::arg("reverse") = false, py::arg("atomic_splat") = false);
-  m.def("lattice_filter_serial", &locbe::lattice_filter_serial, "plain serial reference, one channel at a time");
-#ifdef WITH_CUDA
-  m.attr("has_cuda") = true;
-#else
-  m.attr("has_cuda") = false;
-#endif
+// The schema, the CPU kernels; lattice_cuda.cu adds the CUDA kernel of lattice_filter. The fake (meta) kernel
+// and the autograd formula are registered from Python (locbe/regloss/op.py), as torch.library recommends.
+TORCH_LIBRARY(locbe, m) {
+  m.def("lattice_filter(Tensor image, Tensor values, float sigma_xy, float sigma_rgb, bool reverse=False, "
+        "bool atomic_splat=False) -> Tensor");
+  m.def("lattice_filter_serial(Tensor image, Tensor values, float sigma_xy, float sigma_rgb, bool reverse=False) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(locbe, CPU, m) {
+  m.impl("lattice_filter", &locbe::lattice_filter_cpu);
+  m.impl("lattice_filter_serial", &locbe::lattice_filter_serial);
 }

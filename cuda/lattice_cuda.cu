@@ -1,9 +1,10 @@
-// CUDA backend: the same kernels (lattice_kernels.h) and driver (lattice_filter.h) as the CPU build,
-// launched as CUDA grids on the current stream.
+// CUDA backend: the same kernels (lattice_kernels.h) and driver (lattice_filter.h) as the CPU build, launched as
+// CUDA grids on the current stream; registered as the CUDA kernel of `locbe::lattice_filter`.
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a bare nvcc install lacks
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "lattice_filter.h"
 
@@ -16,6 +17,8 @@ __global__ void grid_kernel(int64_t n, F f) {
 }
 
 struct CudaLaunch {
+  static constexpr bool kSerial = false;
+  static constexpr bool kCuda = true;
   template <class F>
   static void run(int64_t n, const F& f) {
     if (n == 0) return;
@@ -27,9 +30,11 @@ struct CudaLaunch {
 };
 
 torch::Tensor lattice_filter_cuda(const torch::Tensor& image, const torch::Tensor& values, double sigma_xy,
-                                  double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat) {
+                                  double sigma_rgb, bool reverse, bool atomic_splat) {
   const c10::cuda::CUDAGuard guard(values.device());
-  return lattice_filter_impl<CudaLaunch>(image, values, sigma_xy, sigma_rgb, deterministic, reverse, atomic_splat);
+  return lattice_filter_impl<CudaLaunch>(image, values, sigma_xy, sigma_rgb, reverse, atomic_splat);
 }
 
 }  // namespace locbe
+
+TORCH_LIBRARY_IMPL(locbe, CUDA, m) { m.impl("lattice_filter", &locbe::lattice_filter_cuda); }

@@ -1,11 +1,23 @@
-// The filter driver, written once for both backends: allocates buffers with torch on the input's
-// device (no host copies of data; one scalar, the lattice size, is read back) and runs the kernels
-// of lattice_kernels.h through a launcher policy `Launch::run(n, functor)`.
+// The filter driver, written once for both backends: allocates buffers with torch on the input's device (no
+// host copies of data; one scalar, the lattice size, is read back) and runs the kernels of lattice_kernels.h
+// through a launcher policy `Launch::run(n, functor)`.
+//
+// Launchers: CudaLaunch (a grid on the current stream), CpuLaunch (a parallel loop over elements) and
+// SerialLaunch (a plain loop). On the CPU, when the batch has at least as many images as there are threads,
+// each thread filters whole images with SerialLaunch: one parallel region per call instead of one per kernel,
+// so a thread that the scheduler delays (a busy neighbour process) holds up the call once, not at every
+// kernel boundary, and the splat needs neither atomics nor a sort.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <torch/all.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
 
 #include "lattice_kernels.h"
 
@@ -17,88 +29,208 @@ inline int64_t next_pow2(int64_t v) {
   return p;
 }
 
-// image: (B, 3, H, W) float32 in 0..255; values: (B, K, H, W) float32/float64. Returns W * values, or W^T * values
-// with `reverse` (the per-axis blurs are symmetric but do not commute, so W^T blurs the axes in reverse order).
-// `atomic_splat` forces the scatter splat (the CUDA default) so CPU tests run that kernel body too.
+struct SerialLaunch {
+  static constexpr bool kSerial = true;
+  static constexpr bool kCuda = false;
+  template <class F>
+  static void run(int64_t n, const F& f) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+};
+
+// LOCBE_LATTICE_PROFILE=1: per-stage CPU times (this thread's, so other processes' load does not count) of each
+// image filtered by SerialLaunch, on stderr (docs/regloss.md)
+struct StageClock {
+  bool on;
+  double t = 0;
+  char buf[512];
+  int len = 0;
+  static double now_ms() {
+#ifdef __linux__
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+#else
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+#endif
+  }
+  explicit StageClock(bool enabled) : on(enabled) {
+    if (on) t = now_ms();
+  }
+  void mark(const char* stage) {
+    if (!on) return;
+    const double now = now_ms();
+    len += std::snprintf(buf + len, sizeof(buf) - len, " %s %.2f", stage, now - t);
+    t = now;
+  }
+  ~StageClock() {
+    if (on) std::fprintf(stderr, "lattice stages (ms):%s\n", buf);
+  }
+};
+
+inline bool profile_stages() {
+  static const bool on = [] {
+    const char* v = std::getenv("LOCBE_LATTICE_PROFILE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+enum class Splat { kScatterPlain, kScatterAtomic, kGather };
+
+// One image: image (3, N) float32, values (K, N), out (K, N).
+template <class Launch, typename scalar_t>
+void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t k, int64_t h, int64_t w,
+                  double sigma_xy, double sigma_rgb, Splat splat, bool reverse, const torch::TensorOptions& opts) {
+  const int64_t n = h * w, entries = n * kV;
+  StageClock clock(Launch::kSerial && profile_stages());
+  auto i32 = opts.dtype(torch::kInt32);
+  auto pixel_keys = torch::empty({n, kPix}, opts.dtype(torch::kInt16));
+  auto weights = torch::empty({entries}, opts);
+  auto entry_lattice = torch::empty({entries}, i32);
+  const double alpha = 1.0 / (1.0 + std::pow(2.0, -kD));
+  clock.mark("alloc");
+  Launch::run(n, ElevateKernel<scalar_t>{img, n, w, static_cast<float>(1.0 / sigma_xy),
+                                         static_cast<float>(1.0 / sigma_rgb), pixel_keys.data_ptr<int16_t>(),
+                                         weights.data_ptr<scalar_t>()});
+  clock.mark("elevate");
+  // Hash table size: a pixel whose key data equal the previous pixel's adds no new lattice point, so the points
+  // number at most kV x (pixels that differ from the previous one, the first included). On photos that is a
+  // fraction of all entries: a table several times smaller than one sized by N x kV (fewer cache misses, and the
+  // capacity-long passes below shrink with it).
+  int64_t fresh = 1;
+  if (n > 1) fresh += pixel_keys.slice(0, 1).ne(pixel_keys.slice(0, 0, n - 1)).any(1).sum().item<int64_t>();
+  const int64_t capacity = next_pow2(std::min(entries, fresh * kV) + 1);
+  const int64_t mask = capacity - 1;
+  auto table = torch::full({capacity}, kEmpty, i32);
+  clock.mark("size");
+  Launch::run(n, InsertKernel<Launch::kSerial>{table.data_ptr<int>(), mask, pixel_keys.data_ptr<int16_t>(),
+                                                      entry_lattice.data_ptr<int32_t>()});
+  clock.mark("insert");
+  auto slot_index = table.ne(kEmpty).cumsum(0, torch::kInt32);
+  const int64_t m = slot_index[capacity - 1].item<int64_t>();
+  auto point_keys = torch::empty({std::max<int64_t>(m, 1), kD}, opts.dtype(torch::kInt16));
+  Launch::run(capacity, CompactKernel{table.data_ptr<int>(), slot_index.data_ptr<int32_t>(),
+                                      pixel_keys.data_ptr<int16_t>(), point_keys.data_ptr<int16_t>()});
+  slot_index = torch::Tensor();  // buffers not needed any more are released before the lattice values exist
+  pixel_keys = torch::Tensor();
+  Launch::run(entries, EntryLatticeKernel{table.data_ptr<int>(), entry_lattice.data_ptr<int32_t>()});
+  clock.mark("compact");
+  // the blur's neighbours, once per image for all channel chunks and axes; then the hash table can go
+  auto neighbours = torch::empty({kV, m, 2}, i32);
+  Launch::run(kV * m, NeighbourKernel{table.data_ptr<int>(), mask, point_keys.data_ptr<int16_t>(), m,
+                                      neighbours.data_ptr<int32_t>()});
+  table = torch::Tensor();
+  point_keys = torch::Tensor();
+  clock.mark("neighbours");
+
+  torch::Tensor order, seg_end;
+  if (splat == Splat::kGather) {
+    order = std::get<1>(entry_lattice.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+    seg_end = torch::bincount(entry_lattice, /*weights=*/{}, m).cumsum(0);
+  }
+  // Channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed this image's
+  // share of S (K x N): the lattice can have more points than the image has pixels.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (2 * (m + 1))));
+  torch::Tensor lattice, other;
+  for (int64_t c0 = 0; c0 < k; c0 += chunk) {
+    const int64_t kc = std::min(chunk, k - c0);
+    const scalar_t* vin_c = vin + c0 * n;
+    if (!lattice.defined() || lattice.size(1) != kc) {
+      lattice = torch::empty({m + 1, kc}, opts);
+      other = torch::empty({m + 1, kc}, opts);
+    }
+    switch (splat) {
+      case Splat::kGather:
+        Launch::run(m * kc, SplatGatherKernel<scalar_t>{vin_c, weights.data_ptr<scalar_t>(),
+                                                        order.data_ptr<int64_t>(), seg_end.data_ptr<int64_t>(), n,
+                                                        kc, lattice.data_ptr<scalar_t>()});
+        break;
+      case Splat::kScatterAtomic:
+        lattice.zero_();
+        Launch::run(n, SplatScatterKernel<scalar_t, true>{vin_c, weights.data_ptr<scalar_t>(),
+                                                          entry_lattice.data_ptr<int32_t>(), n, kc,
+                                                          lattice.data_ptr<scalar_t>()});
+        break;
+      case Splat::kScatterPlain:  // only with SerialLaunch: one thread adds in pixel order
+        if constexpr (Launch::kSerial) {
+          lattice.zero_();
+          Launch::run(n, SplatScatterKernel<scalar_t, false>{vin_c, weights.data_ptr<scalar_t>(),
+                                                             entry_lattice.data_ptr<int32_t>(), n, kc,
+                                                             lattice.data_ptr<scalar_t>()});
+        } else {
+          TORCH_CHECK(false, "the plain scatter splat runs serially");
+        }
+        break;
+    }
+    clock.mark("splat");
+    lattice[m].zero_();  // the missing neighbour
+    other[m].zero_();
+    for (int step = 0; step <= kD; ++step) {
+      const int j = reverse ? kD - step : step;  // reversed axis order = the exact transpose of W
+      Launch::run(m, BlurKernel<scalar_t>{lattice.data_ptr<scalar_t>(), other.data_ptr<scalar_t>(),
+                                          neighbours.data_ptr<int32_t>() + static_cast<int64_t>(j) * m * 2, kc});
+      std::swap(lattice, other);
+    }
+    clock.mark("blur");
+    Launch::run(n, SliceKernel<scalar_t>{lattice.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
+                                         entry_lattice.data_ptr<int32_t>(), n, kc, static_cast<scalar_t>(alpha),
+                                         vout + c0 * n});
+    clock.mark("slice");
+  }
+  if (clock.on) clock.len += std::snprintf(clock.buf + clock.len, sizeof(clock.buf) - clock.len,
+                                            " | M %lld, table %lld for %lld entries", static_cast<long long>(m),
+                                            static_cast<long long>(capacity), static_cast<long long>(entries));
+}
+
+// image: (B, 3, H, W) in 0..255; values: (B, K, H, W) float32/float64. Returns W * values, or W^T * values with
+// `reverse` (the per-axis blurs are symmetric but do not commute, so W^T blurs the axes in reverse order).
+// `atomic_splat` forces the atomic scatter splat (the CUDA default) so that CPU tests run that kernel body too.
 template <class Launch>
 torch::Tensor lattice_filter_impl(const torch::Tensor& image_in, const torch::Tensor& values_in, double sigma_xy,
-                                  double sigma_rgb, bool deterministic, bool reverse, bool atomic_splat) {
+                                  double sigma_rgb, bool reverse, bool atomic_splat) {
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   TORCH_CHECK(!(deterministic && atomic_splat), "the atomic splat is not deterministic");
-  auto image = image_in.contiguous().to(torch::kFloat32);
+  TORCH_CHECK(image_in.dim() == 4 && image_in.size(1) == 3, "image must be (B, 3, H, W)");
+  TORCH_CHECK(values_in.dim() == 4, "values must be (B, K, H, W)");
+  TORCH_CHECK(image_in.size(0) == values_in.size(0) && image_in.size(2) == values_in.size(2) &&
+                  image_in.size(3) == values_in.size(3),
+              "image and values differ in batch or size");
+  TORCH_CHECK(image_in.device() == values_in.device(), "image and values must be on the same device");
+  TORCH_CHECK(values_in.scalar_type() == torch::kFloat32 || values_in.scalar_type() == torch::kFloat64,
+              "values must be float32 or float64");
+  auto image = image_in.to(torch::kFloat32).contiguous();
   auto values = values_in.contiguous();
   const int64_t b = values.size(0), k = values.size(1), h = values.size(2), w = values.size(3);
-  const int64_t n = h * w, entries = n * kV;
-  auto out = torch::empty_like(values);
-  auto opts = values.options();
-  // per-image buffers, reused across the batch
-  auto entry_keys = torch::empty({entries, kD}, opts.dtype(torch::kInt16));
-  auto weights = torch::empty({entries}, opts);
-  // 32-bit indices throughout (entries < 2^31 is checked): halves the index memory of the op
-  TORCH_CHECK(entries < (int64_t{1} << 31) - 1, "image too large for the lattice filter (", n, " pixels)");
-  auto i32 = opts.dtype(torch::kInt32);
-  auto entry_lattice = torch::empty({entries}, i32);
-  const int64_t capacity = next_pow2(entries + 1);
-  auto table = torch::empty({capacity}, opts.dtype(torch::kInt32));
-  const double alpha = 1.0 / (1.0 + std::pow(2.0, -kD));
+  const int64_t n = h * w;
+  // 32-bit indices throughout: halves the index memory of the op
+  TORCH_CHECK(n * kV < (int64_t{1} << 30), "image too large for the lattice filter (", n, " pixels)");
+  auto out = torch::empty_like(values, torch::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  const auto opts = values.options();
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "lattice_filter", [&] {
-    for (int64_t bi = 0; bi < b; ++bi) {
-      const float* img = image[bi].data_ptr<float>();
-      const scalar_t* vin = values[bi].data_ptr<scalar_t>();
-      scalar_t* vout = out[bi].data_ptr<scalar_t>();
-      Launch::run(n, ElevateKernel<scalar_t>{img, n, w, static_cast<float>(1.0 / sigma_xy),
-                                             static_cast<float>(1.0 / sigma_rgb), entry_keys.data_ptr<int16_t>(),
-                                             weights.data_ptr<scalar_t>()});
-      table.fill_(kEmpty);
-      auto entry_slot = torch::empty({entries}, i32);
-      Launch::run(entries, InsertKernel{table.data_ptr<int>(), capacity - 1, entry_keys.data_ptr<int16_t>(),
-                                        entry_slot.data_ptr<int32_t>()});
-      auto slot_index = table.ne(kEmpty).cumsum(0, torch::kInt32);
-      const int64_t m = slot_index[capacity - 1].item<int64_t>();
-      auto lattice_rep = torch::empty({m}, opts.dtype(torch::kInt32));
-      Launch::run(entries, EntryLatticeKernel{entry_slot.data_ptr<int32_t>(), slot_index.data_ptr<int32_t>(),
-                                              table.data_ptr<int>(), entry_lattice.data_ptr<int32_t>(),
-                                              lattice_rep.data_ptr<int>()});
-      entry_slot = torch::Tensor();
-      Launch::run(capacity, RelabelKernel{table.data_ptr<int>(), slot_index.data_ptr<int32_t>()});
-      slot_index = torch::Tensor();  // buffers not needed any more are released before the lattice values exist
-      const bool gather = !atomic_splat && (deterministic || !values.is_cuda());  // CPU default: gather is faster
-      torch::Tensor order, seg_end;
-      if (gather) {
-        order = std::get<1>(entry_lattice.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-        seg_end = torch::bincount(entry_lattice, /*weights=*/{}, m).cumsum(0);
-      }
-      // Channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed this
-      // image's share of S (K x N): the lattice can have more points than the image has pixels.
-      const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (2 * (m + 1))));
-      for (int64_t c0 = 0; c0 < k; c0 += chunk) {
-        const int64_t kc = std::min(chunk, k - c0);
-        const scalar_t* vin_c = vin + c0 * n;
-        auto lattice = torch::zeros({m + 1, kc}, opts);  // row m stays zero: the missing neighbour
-        if (gather) {
-          Launch::run(m * kc, SplatGatherKernel<scalar_t>{vin_c, weights.data_ptr<scalar_t>(),
-                                                          order.data_ptr<int64_t>(), seg_end.data_ptr<int64_t>(), n,
-                                                          kc, lattice.data_ptr<scalar_t>()});
-        } else {
-          Launch::run(entries, SplatAtomicKernel<scalar_t>{vin_c, weights.data_ptr<scalar_t>(),
-                                                           entry_lattice.data_ptr<int32_t>(), n, kc,
-                                                           lattice.data_ptr<scalar_t>()});
-        }
-        if (c0 + kc >= k) {  // the last chunk is splatted: the sort is not needed any more
-          order = torch::Tensor();
-          seg_end = torch::Tensor();
-        }
-        auto other = torch::zeros_like(lattice);
-        for (int step = 0; step <= kD; ++step) {
-          const int j = reverse ? kD - step : step;  // reversed axis order = the exact transpose of W
-          Launch::run(m, BlurKernel<scalar_t>{lattice.data_ptr<scalar_t>(), other.data_ptr<scalar_t>(),
-                                              table.data_ptr<int>(), capacity - 1, entry_keys.data_ptr<int16_t>(),
-                                              lattice_rep.data_ptr<int>(), m, kc, j});
-          std::swap(lattice, other);
-        }
-        Launch::run(n * kc, SliceKernel<scalar_t>{lattice.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
-                                                  entry_lattice.data_ptr<int32_t>(), n, kc,
-                                                  static_cast<scalar_t>(alpha), vout + c0 * n});
+    const float* img = image.data_ptr<float>();
+    const scalar_t* vin = values.data_ptr<scalar_t>();
+    scalar_t* vout = out.data_ptr<scalar_t>();
+    auto one = [&](int64_t bi, auto launch, Splat splat) {
+      using L = decltype(launch);
+      filter_image<L, scalar_t>(img + bi * 3 * n, vin + bi * k * n, vout + bi * k * n, k, h, w, sigma_xy,
+                                sigma_rgb, splat, reverse, opts);
+    };
+    if constexpr (Launch::kCuda) {
+      for (int64_t bi = 0; bi < b; ++bi) one(bi, Launch{}, deterministic ? Splat::kGather : Splat::kScatterAtomic);
+    } else {
+      const int64_t threads = at::get_num_threads();
+      if (b >= threads || threads == 1) {
+        // whole images per thread (grain 0: the batch is split evenly into one range per thread)
+        const Splat splat = atomic_splat ? Splat::kScatterAtomic : Splat::kScatterPlain;
+        at::parallel_for(0, b, 0, [&](int64_t b0, int64_t b1) {
+          for (int64_t bi = b0; bi < b1; ++bi) one(bi, SerialLaunch{}, splat);
+        });
+      } else {
+        const Splat splat = atomic_splat ? Splat::kScatterAtomic : Splat::kGather;
+        for (int64_t bi = 0; bi < b; ++bi) one(bi, Launch{}, splat);
       }
     }
   });

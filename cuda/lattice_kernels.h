@@ -1,7 +1,7 @@
-// Permutohedral-lattice bilateral filter: per-element kernel bodies shared by the CPU (OpenMP) and
-// CUDA launchers. Each kernel is a functor with `HOST_DEVICE void operator()(int64_t i) const`;
-// lattice_cpu.cpp runs it in an OpenMP loop, lattice_cuda.cu as a CUDA grid. CPU tests therefore
-// execute exactly the code the GPU runs.
+// Permutohedral-lattice bilateral filter: per-element kernel bodies shared by the CPU and CUDA launchers.
+// Each kernel is a functor with `HOST_DEVICE void operator()(int64_t i) const`; lattice_cpu.cpp runs it in a
+// parallel loop over elements (or a plain loop, one image per thread), lattice_cuda.cu as a CUDA grid. CPU
+// tests therefore execute exactly the code the GPU runs.
 //
 // Conventions (shared/spec/regloss.md; Adams et al. 2010 with Kraehenbuehl's dense-CRF constants):
 // d = 5 features (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) scaled by sqrt(2/3)(d+1) and per-axis
@@ -69,28 +69,52 @@ HOST_DEVICE inline bool keys_equal(const int16_t* a, const int16_t* b) {
   return true;
 }
 
-// After relabelling (RelabelKernel) occupied slots hold lattice indices, and lattice_rep[l] is an entry with
-// the point's key. Returns the lattice index of `key`, or -1 when it is not a lattice point.
-HOST_DEVICE inline int64_t find_point(const int* table, int64_t mask, const int16_t* entry_keys, const int* lattice_rep,
-                                      const int16_t* key) {
+// Compact per-pixel key data: the d+1 simplex vertices of a pixel are rem0 + a canonical offset that depends
+// on the coordinate's rank only, so a pixel stores rem0 (kD int16) and the ranks (kD x 3 bits in one int16)
+// instead of (d+1) x kD keys: 12 bytes per pixel instead of 60.
+constexpr int kPix = kD + 1;
+
+HOST_DEVICE inline void entry_key(const int16_t* pixel_keys, int64_t e, int16_t* key) {
+  const int16_t* p = pixel_keys + (e / kV) * kPix;
+  const int r = static_cast<int>(e % kV);
+  const int ranks = static_cast<uint16_t>(p[kD]);
+  for (int j = 0; j < kD; ++j) {
+    const int rank = (ranks >> (3 * j)) & 7;  // canonical simplex vertex r: +r where rank <= d-r, else r-(d+1)
+    key[j] = static_cast<int16_t>(p[j] + ((rank <= kD - r) ? r : r - (kD + 1)));
+  }
+}
+
+// After CompactKernel occupied slots hold lattice indices and point_keys[l] is point l's key. Returns the
+// lattice index of `key`, or -1 when it is not a lattice point.
+HOST_DEVICE inline int64_t find_point(const int* table, int64_t mask, const int16_t* point_keys, const int16_t* key) {
   int64_t s = hash_key(key) & mask;
   while (true) {
-    int l = table[s];
+    const int l = table[s];
     if (l == kEmpty) return -1;
-    if (keys_equal(entry_keys + static_cast<int64_t>(lattice_rep[l]) * kD, key)) return l;
+    if (keys_equal(point_keys + static_cast<int64_t>(l) * kD, key)) return l;
     s = (s + 1) & mask;
   }
 }
 
+// roundf(x) for |x| < 2^23, without a libm call (baseline x86-64 has no rounding instruction): x - trunc(x) is
+// exact, so the comparison with 0.5 decides exactly as roundf does (halves away from zero).
+HOST_DEVICE inline int round_half_away(float x) {
+  int t = static_cast<int>(x);
+  const float frac = x - static_cast<float>(t);
+  if (frac >= 0.5f) ++t;
+  else if (frac <= -0.5f) --t;
+  return t;
+}
+
 // ---------------------------------------------------------------------------- 1. elevate
-// One pixel: its d+1 lattice keys and barycentric weights (the math of Kraehenbuehl's permutohedral.cpp).
+// One pixel: its compact key data and d+1 barycentric weights (the math of Kraehenbuehl's permutohedral.cpp).
 template <typename scalar_t>
 struct ElevateKernel {
   const float* image;  // (3, N) channel-first, 0..255
   int64_t n, width;
   float inv_sxy, inv_srgb;
-  int16_t* entry_keys;   // (N * kV, kD)
-  scalar_t* weights;     // (N * kV)
+  int16_t* pixel_keys;  // (N, kPix)
+  scalar_t* weights;    // (N * kV)
 
   HOST_DEVICE void operator()(int64_t i) const {
     float f[kD];
@@ -113,16 +137,18 @@ struct ElevateKernel {
     int rem0[kV], rank[kV];
     int sum = 0;
     for (int j = 0; j <= kD; ++j) {
-      int rd = static_cast<int>(roundf(down * elevated[j]));
+      int rd = round_half_away(down * elevated[j]);
       rem0[j] = static_cast<int>(rd * up);
       sum += rd;
       rank[j] = 0;
     }
+    float diff[kV];
+    for (int j = 0; j <= kD; ++j) diff[j] = elevated[j] - rem0[j];
     for (int a = 0; a < kD; ++a) {
-      float da = elevated[a] - rem0[a];
-      for (int b = a + 1; b <= kD; ++b) {
-        if (da < elevated[b] - rem0[b]) rank[a]++;
-        else rank[b]++;
+      for (int b = a + 1; b <= kD; ++b) {  // branch-free: the comparisons are unpredictable
+        const int lt = diff[a] < diff[b];
+        rank[a] += lt;
+        rank[b] += 1 - lt;
       }
     }
     for (int j = 0; j <= kD; ++j) {
@@ -139,84 +165,125 @@ struct ElevateKernel {
     }
     bary[0] += 1.0f + bary[kD + 1];
 
-    for (int r = 0; r <= kD; ++r) {
-      int16_t* key = entry_keys + (i * kV + r) * kD;
-      for (int j = 0; j < kD; ++j) {
-        // canonical simplex vertex r: coordinate r where rank < d+1-r, else r-(d+1)
-        int canonical = (rank[j] <= kD - r) ? r : r - (kD + 1);
-        key[j] = static_cast<int16_t>(rem0[j] + canonical);
-      }
-      weights[i * kV + r] = static_cast<scalar_t>(bary[r]);
+    int16_t* p = pixel_keys + i * kPix;
+    int ranks = 0;
+    for (int j = 0; j < kD; ++j) {
+      p[j] = static_cast<int16_t>(rem0[j]);
+      ranks |= rank[j] << (3 * j);
     }
+    p[kD] = static_cast<int16_t>(static_cast<uint16_t>(ranks));
+    for (int r = 0; r <= kD; ++r) weights[i * kV + r] = static_cast<scalar_t>(bary[r]);
   }
 };
 
 // ---------------------------------------------------------------------------- 2. insert
+// One pixel, its d+1 entries (pixel, vertex): claim a slot for each key (a slot keeps the first entry id that
+// claimed it). kInOrder: the launcher runs the pixels one after the other (SerialLaunch). Then a pixel whose key
+// data equal the previous pixel's copies that pixel's slots (already written) instead of probing the table, and
+// the table needs no atomics. Parallel launchers use kInOrder = false.
+template <bool kInOrder>
 struct InsertKernel {
   int* table;
   int64_t mask;
-  const int16_t* entry_keys;
-  int32_t* entry_slot;  // (N * kV)
+  const int16_t* pixel_keys;
+  int32_t* entry_lattice;  // (N * kV) receives the slot; EntryLatticeKernel turns it into the lattice index
 
-  HOST_DEVICE void operator()(int64_t e) const {
-    const int16_t* key = entry_keys + e * kD;
-    int64_t s = hash_key(key) & mask;
-    while (true) {
-      int found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
-      if (found == kEmpty || keys_equal(entry_keys + static_cast<int64_t>(found) * kD, key)) {
-        entry_slot[e] = static_cast<int32_t>(s);
+  HOST_DEVICE void operator()(int64_t pixel) const {
+    const int64_t e0 = pixel * kV;
+    if (kInOrder && pixel > 0) {
+      const int16_t* p = pixel_keys + pixel * kPix;
+      bool same = true;
+      for (int j = 0; j < kPix; ++j) same = same && p[j] == p[j - kPix];
+      if (same) {
+        for (int r = 0; r < kV; ++r) entry_lattice[e0 + r] = entry_lattice[e0 - kV + r];
         return;
       }
-      s = (s + 1) & mask;
+    }
+    int16_t key[kD], other[kD];
+    for (int r = 0; r < kV; ++r) {
+      const int64_t e = e0 + r;
+      entry_key(pixel_keys, e, key);
+      if (kInOrder && pixel > 0) {  // the same vertex of the previous pixel often has the same key
+        entry_key(pixel_keys, e - kV, other);
+        if (keys_equal(other, key)) {
+          entry_lattice[e] = entry_lattice[e - kV];
+          continue;
+        }
+      }
+      int64_t s = hash_key(key) & mask;
+      while (true) {
+        int found;
+        if (kInOrder) {
+          found = table[s];
+          if (found == kEmpty) table[s] = static_cast<int>(e);
+        } else {
+          found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
+        }
+        if (found == kEmpty) break;
+        entry_key(pixel_keys, found, other);
+        if (keys_equal(other, key)) break;
+        s = (s + 1) & mask;
+      }
+      entry_lattice[e] = static_cast<int32_t>(s);
     }
   }
 };
 
-// ---------------------------------------------------------------------------- 3. lattice index per entry
-struct EntryLatticeKernel {
-  const int32_t* entry_slot;
-  const int32_t* slot_index;  // inclusive prefix count of occupied slots: lattice index = slot_index - 1
-  const int* table;
-  int32_t* entry_lattice;     // (N * kV)
-  int* lattice_rep;           // (M) an entry id holding the lattice point's key
+// ---------------------------------------------------------------------------- 3. compact
+// One slot: occupied slots get their lattice index (occupied slots in slot order) and the point's key.
+struct CompactKernel {
+  int* table;
+  const int32_t* slot_index;  // inclusive prefix count of occupied slots
+  const int16_t* pixel_keys;
+  int16_t* point_keys;        // (M, kD)
 
-  HOST_DEVICE void operator()(int64_t e) const {
-    int64_t s = entry_slot[e];
-    int32_t l = slot_index[s] - 1;
-    entry_lattice[e] = l;
-    if (table[s] == static_cast<int>(e)) lattice_rep[l] = static_cast<int>(e);
+  HOST_DEVICE void operator()(int64_t s) const {
+    const int e = table[s];
+    if (e == kEmpty) return;
+    const int32_t l = slot_index[s] - 1;
+    entry_key(pixel_keys, e, point_keys + static_cast<int64_t>(l) * kD);
+    table[s] = l;
   }
 };
 
-// Occupied slots: entry id -> lattice index, so the slot -> index map can be freed before the blur.
-struct RelabelKernel {
-  int* table;
-  const int32_t* slot_index;
+// One entry: slot -> lattice index.
+struct EntryLatticeKernel {
+  const int* table;
+  int32_t* entry_lattice;
 
-  HOST_DEVICE void operator()(int64_t s) const {
-    if (table[s] != kEmpty) table[s] = slot_index[s] - 1;
-  }
+  HOST_DEVICE void operator()(int64_t e) const { entry_lattice[e] = table[entry_lattice[e]]; }
 };
 
 // ---------------------------------------------------------------------------- 4. splat
-// Scatter with atomics (fast, order of float additions not fixed).
-template <typename scalar_t>
-struct SplatAtomicKernel {
+// Scatter, one pixel: its K values go to its d+1 lattice points. With kAtomic the adds are atomic (the CUDA
+// default; the order of float additions is not fixed); without, the kernel must run serially (one image per CPU
+// thread) and then adds every lattice point's contributions in pixel order, the order the gather uses.
+template <typename scalar_t, bool kAtomic>
+struct SplatScatterKernel {
   const scalar_t* values_in;  // (K, N) one image
   const scalar_t* weights;
   const int32_t* entry_lattice;
   int64_t n, k;
   scalar_t* lattice;  // (M + 1, K)
 
-  HOST_DEVICE void operator()(int64_t e) const {
-    int64_t pixel = e / kV;
-    scalar_t w = weights[e];
-    scalar_t* row = lattice + static_cast<int64_t>(entry_lattice[e]) * k;
-    for (int64_t c = 0; c < k; ++c) atomic_add(row + c, w * values_in[c * n + pixel]);
+  HOST_DEVICE void operator()(int64_t pixel) const {
+    scalar_t w[kV];
+    int64_t row[kV];
+    for (int r = 0; r < kV; ++r) {
+      w[r] = weights[pixel * kV + r];
+      row[r] = static_cast<int64_t>(entry_lattice[pixel * kV + r]) * k;
+    }
+    for (int64_t c = 0; c < k; ++c) {
+      const scalar_t v = values_in[c * n + pixel];
+      for (int r = 0; r < kV; ++r) {
+        if (kAtomic) atomic_add(lattice + row[r] + c, w[r] * v);
+        else lattice[row[r] + c] += w[r] * v;
+      }
+    }
   }
 };
 
-// Gather in entry order (deterministic): entries sorted by lattice index, stable in entry id.
+// Gather in entry order (deterministic in parallel): entries sorted by lattice index, stable in entry id.
 template <typename scalar_t>
 struct SplatGatherKernel {
   const scalar_t* values_in;
@@ -239,22 +306,18 @@ struct SplatGatherKernel {
 };
 
 // ---------------------------------------------------------------------------- 5. blur
-// One lattice point per thread, all channels of the chunk: the two neighbours along `axis` are looked
-// up in the hash table on the fly (no (d+1) x M x 2 neighbour table is kept: it was the op's largest
-// buffer on textured images). Missing neighbours map to row M, which is zero.
-template <typename scalar_t>
-struct BlurKernel {
-  const scalar_t* src;  // (M + 1, K), row M is zero
-  scalar_t* dst;
+// Neighbours along `axis`, looked up in the hash table once per image: (d+1) x M x 2 indices, missing = M.
+struct NeighbourKernel {
   const int* table;
   int64_t mask;
-  const int16_t* entry_keys;
-  const int* lattice_rep;
-  int64_t m, k;
-  int axis;
+  const int16_t* point_keys;
+  int64_t m;
+  int32_t* neighbours;  // (kV, M, 2)
 
-  HOST_DEVICE void operator()(int64_t l) const {
-    const int16_t* key = entry_keys + static_cast<int64_t>(lattice_rep[l]) * kD;
+  HOST_DEVICE void operator()(int64_t idx) const {  // idx = axis * M + l
+    const int axis = static_cast<int>(idx / m);
+    const int64_t l = idx % m;
+    const int16_t* key = point_keys + l * kD;
     int16_t n1[kD], n2[kD];
     for (int t = 0; t < kD; ++t) {
       n1[t] = static_cast<int16_t>(key[t] - 1);
@@ -264,15 +327,33 @@ struct BlurKernel {
       n1[axis] = static_cast<int16_t>(key[axis] + kD);
       n2[axis] = static_cast<int16_t>(key[axis] - kD);
     }
-    const int64_t p1 = find_point(table, mask, entry_keys, lattice_rep, n1);
-    const int64_t p2 = find_point(table, mask, entry_keys, lattice_rep, n2);
-    const int64_t left = p1 < 0 ? m : p1, right = p2 < 0 ? m : p2;
-    for (int64_t c = 0; c < k; ++c)
-      dst[l * k + c] = src[l * k + c] + static_cast<scalar_t>(0.5) * (src[left * k + c] + src[right * k + c]);
+    const int64_t p1 = find_point(table, mask, point_keys, n1);
+    const int64_t p2 = find_point(table, mask, point_keys, n2);
+    neighbours[2 * idx] = static_cast<int32_t>(p1 < 0 ? m : p1);
+    neighbours[2 * idx + 1] = static_cast<int32_t>(p2 < 0 ? m : p2);
+  }
+};
+
+// One lattice point, all channels of the chunk, along one axis: v <- v + 0.5 (v_left + v_right) from the
+// pre-axis values. Missing neighbours are row M, which is zero.
+template <typename scalar_t>
+struct BlurKernel {
+  const scalar_t* src;  // (M + 1, K)
+  scalar_t* dst;
+  const int32_t* neighbours;  // (M, 2) of this axis
+  int64_t k;
+
+  HOST_DEVICE void operator()(int64_t l) const {
+    const scalar_t* left = src + static_cast<int64_t>(neighbours[2 * l]) * k;
+    const scalar_t* right = src + static_cast<int64_t>(neighbours[2 * l + 1]) * k;
+    const scalar_t* mid = src + l * k;
+    scalar_t* o = dst + l * k;
+    for (int64_t c = 0; c < k; ++c) o[c] = mid[c] + static_cast<scalar_t>(0.5) * (left[c] + right[c]);
   }
 };
 
 // ---------------------------------------------------------------------------- 6. slice
+// One pixel, all channels of the chunk: rows of the lattice are contiguous in the channel.
 template <typename scalar_t>
 struct SliceKernel {
   const scalar_t* lattice;
@@ -282,14 +363,18 @@ struct SliceKernel {
   scalar_t alpha;
   scalar_t* out;  // (K, N)
 
-  HOST_DEVICE void operator()(int64_t idx) const {  // idx = c * N + pixel
-    int64_t c = idx / n, pixel = idx % n;
-    scalar_t acc = 0;
+  HOST_DEVICE void operator()(int64_t pixel) const {
+    scalar_t w[kV];
+    const scalar_t* row[kV];
     for (int r = 0; r < kV; ++r) {
-      int64_t e = pixel * kV + r;
-      acc += weights[e] * lattice[static_cast<int64_t>(entry_lattice[e]) * k + c];
+      w[r] = weights[pixel * kV + r];
+      row[r] = lattice + static_cast<int64_t>(entry_lattice[pixel * kV + r]) * k;
     }
-    out[idx] = alpha * acc;
+    for (int64_t c = 0; c < k; ++c) {
+      scalar_t acc = 0;
+      for (int r = 0; r < kV; ++r) acc += w[r] * row[r][c];
+      out[c * n + pixel] = alpha * acc;
+    }
   }
 };
 

@@ -154,12 +154,18 @@ def build_training(cfg: TrainConfig, device: torch.device, init_from: str | None
     if init_from:
         load_checkpoint(net, init_from, strict=True)
     par = PAR(low_memory=cfg.fast_step).to(device)  # same maths, no neighbour stacks (tests/test_step.py)
-    reg_loss = None
-    if cfg.use_reg and any("reg" in p.weights for p in cfg.phases):
-        from locbe.regloss import RegularizedLoss
+    return net, build_optimizer(net, cfg), par, build_reg_loss(cfg, device)
 
-        reg_loss = RegularizedLoss().to(device)
-    return net, build_optimizer(net, cfg), par, reg_loss
+
+def build_reg_loss(cfg: TrainConfig, device: torch.device):
+    """The regularized loss, or None when no phase uses it. The op is built/loaded and run once here, so
+    a missing op fails before step 0, not at the first reg step (step 2001 on VOC)."""
+    if not cfg.use_reg or not any("reg" in p.weights for p in cfg.phases):
+        return None
+    from locbe.regloss import RegularizedLoss, ensure_loaded
+
+    ensure_loaded()
+    return RegularizedLoss().to(device)
 
 
 def loss_values(out) -> dict[str, float]:

@@ -8,6 +8,7 @@ dense Gaussian filter; autograd with gradcheck; the gated loss with a formula wr
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from locbe.regloss.reference import dense_filter, serial_lattice_filter
 # float32 kernel vs float64 serial reference: both round features to float32 the same way, so only
 # the accumulation order/precision differs (measured 6.6e-8); 1e-5 is the issue's bound.
 REL_TOL = 1e-5
+SCALE = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 1  # tox -e hypothesis
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,7 +63,7 @@ def threads(n: int):
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    return load_extension(cuda=False)
+    return load_extension()
 
 
 inputs = st.fixed_dictionaries({
@@ -81,7 +83,7 @@ def make_inputs(p):
 
 
 # ---------------------------------------------------------------------------- kernel vs serial reference
-@settings(max_examples=40)
+@settings(max_examples=40 * SCALE)
 @given(p=inputs, transpose=st.booleans(), atomic=st.booleans())
 def test_kernel_matches_serial_reference(p, transpose, atomic):
     image, values = make_inputs(p)
@@ -124,9 +126,12 @@ def test_reverse_order_is_the_exact_transpose():
 
 # ---------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_deterministic_mode_bitwise_across_runs_and_threads(dtype):
-    image = textured_image(40, 36, 2).float().repeat(2, 1, 1, 1)
-    values = torch.randn(2, 7, 40, 36, generator=torch.Generator().manual_seed(1), dtype=dtype)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_deterministic_mode_bitwise_across_runs_and_threads(dtype, batch):
+    """B=1 with 2 threads runs the parallel schedule (atomic insert, ordered gather splat); with 1 thread, and
+    B=2 always, whole images per thread (in-order insert, plain scatter in pixel order): all bitwise equal."""
+    image = textured_image(40, 36, 2).float().repeat(batch, 1, 1, 1)
+    values = torch.randn(batch, 7, 40, 36, generator=torch.Generator().manual_seed(1), dtype=dtype)
     outs = []
     with deterministic_mode():
         for n in (1, 2, 2, 1):
@@ -138,8 +143,8 @@ def test_deterministic_mode_bitwise_across_runs_and_threads(dtype):
 
 def test_atomic_splat_refused_in_deterministic_mode(extension):
     image, values = torch.rand(1, 3, 4, 4) * 255, torch.rand(1, 2, 4, 4)
-    with pytest.raises(RuntimeError, match="not deterministic"):
-        extension.lattice_filter(image, values, 5.0, 5.0, True, False, True)
+    with deterministic_mode(), pytest.raises(RuntimeError, match="not deterministic"):
+        extension.lattice_filter(image, values, 5.0, 5.0, False, True)
 
 
 # ---------------------------------------------------------------------------- autograd
@@ -149,11 +154,7 @@ def test_gradcheck_quadratic_form():
     assert torch.autograd.gradcheck(lambda s: -(s * lattice_filter(image, s, 4.0, 20.0)).sum(), (s,))
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 2, 5, 3), (1, 4, 1, 8)])
-def test_gradcheck_filter(shape):
-    image = torch.rand(shape[0], 3, *shape[2:], dtype=torch.float64) * 255
-    s = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s: lattice_filter(image, s, 2.0, 30.0), (s,))
+# hypothesis-driven gradcheck / gradgradcheck / VJP checks over shapes, dtypes and layouts: tests/test_regloss_op.py
 
 
 # ---------------------------------------------------------------------------- gated loss
@@ -245,7 +246,7 @@ def test_dense_reference_against_pairwise_loop():
 
 
 # ---------------------------------------------------------------------------- invariances
-@settings(max_examples=15)
+@settings(max_examples=15 * SCALE)
 @given(p=inputs, data=st.data())
 def test_class_permutation_and_linearity(p, data):
     image, values = make_inputs(p)

@@ -1,13 +1,15 @@
-"""The regularized (dense-CRF) loss: permutohedral-lattice op (cuda/), autograd, loss module, references.
+"""The regularized (dense-CRF) loss: permutohedral-lattice custom op ``locbe::lattice_filter`` (cuda/), its
+autograd and fake kernels, the loss module, references.
 
-The op (torch) is imported on first use, so that ``locbe build-ext --help`` does not import torch."""
+Everything is imported on first use, so that ``locbe build-ext --help`` does not import torch."""
 
-__all__ = ["RegularizedLoss", "lattice_filter"]
+_HOMES = {"RegularizedLoss": "op", "lattice_filter": "op", "ensure_loaded": "build", "load_extension": "build"}
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from locbe.regloss import op
+    if name in _HOMES:
+        import importlib
 
-        return getattr(op, name)
+        return getattr(importlib.import_module(f"locbe.regloss.{_HOMES[name]}"), name)
     raise AttributeError(f"module 'locbe.regloss' has no attribute {name!r}")

@@ -1,64 +1,128 @@
-"""Build-on-first-use of the lattice extension (`locbe build-ext` builds ahead of time).
+"""Build-on-first-use of the lattice op library (``locbe build-ext`` builds ahead of time).
 
-Sources live in ``<repo>/cuda`` (override with ``LOCBE_CUDA_SRC``). The CPU extension always builds
-(C++17 + OpenMP); the CUDA one when a GPU is present, or when asked (``locbe build-ext --cuda``),
-which needs nvcc (``CUDA_HOME``). Builds are cached by torch under TORCH_EXTENSIONS_DIR.
+The kernel sources are the repository's ``cuda/`` folder; a non-editable install carries a copy of them as
+package data (``locbe/regloss/csrc``, copied at build time by setup.py), so the op builds wherever locbe is
+installed. ``LOCBE_CUDA_SRC`` overrides the folder. The library registers the custom ops
+``locbe::lattice_filter`` (CPU, and CUDA when built with nvcc) and ``locbe::lattice_filter_serial`` with
+``TORCH_LIBRARY``; loading it makes them available as ``torch.ops.locbe.*``.
+
+Builds are cached in ``<root>/<name>-<key>``, where the key hashes the sources, the compiler flags and the
+Python/torch/CUDA versions: checkouts, environments and source versions never build over each other. The
+root is ``LOCBE_EXTENSIONS_DIR``, else ``TORCH_EXTENSIONS_DIR``, else ``~/.cache/locbe/extensions``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-from functools import cache
+import subprocess
+import sys
 from pathlib import Path
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+SOURCE_SUFFIXES = (".h", ".cpp", ".cu")
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
 def source_dir() -> Path:
     env = os.environ.get("LOCBE_CUDA_SRC")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "cuda"
-    if not (path / "lattice_cpu.cpp").is_file():
-        raise FileNotFoundError(f"lattice sources not found in {path}: install locbe from a checkout "
-                                "(pip install -e .) or set LOCBE_CUDA_SRC to the repository's cuda/ folder")
-    return path
+    candidates = [Path(env)] if env else [Path(__file__).resolve().parent / "csrc",  # installed package data
+                                          Path(__file__).resolve().parents[2] / "cuda"]  # a checkout
+    for path in candidates:
+        if (path / "lattice_cpu.cpp").is_file():
+            return path
+    raise FileNotFoundError(f"lattice sources not found in {' or '.join(map(str, candidates))}: reinstall locbe "
+                            "(pip install .) or set LOCBE_CUDA_SRC to the repository's cuda/ folder")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LOCBE_EXTENSIONS_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "locbe" / "extensions"
 
 
 def _check_compiler() -> None:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler ({cxx!r}) found: the regularized-loss extension is compiled on first "
-                           "use; install g++ (e.g. apt-get install g++) or set CXX")
+        raise RuntimeError(f"no C++ compiler ({cxx!r}) found: the regularized-loss op is compiled on first use; "
+                           "install g++ (e.g. apt-get install g++) or set CXX")
 
 
-def _load(name: str, sources: list[Path], cuda: bool, build_directory: str | None = None, verbose: bool = False,
-          is_python_module: bool = True):
-    from torch.utils.cpp_extension import load
-
-    flags = ["-O3", "-fopenmp"]
-    kwargs = dict(name=name, sources=[str(s) for s in sources], extra_cflags=flags + (["-DWITH_CUDA"] if cuda else []),
-                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(source_dir())], verbose=verbose,
-                  is_python_module=is_python_module)
-    if cuda:
-        kwargs["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr"]
-    if build_directory:
-        os.makedirs(build_directory, exist_ok=True)
-        kwargs["build_directory"] = build_directory
-    return load(**kwargs)
+def _sources(cuda: bool) -> list[Path]:
+    src = source_dir()
+    return [src / "lattice_cpu.cpp"] + ([src / "lattice_cuda.cu"] if cuda else [])
 
 
-@cache
-def load_extension(cuda: bool | None = None):
-    """The compiled module; with CUDA when ``cuda`` is True (or None and a GPU is available)."""
+def build_key(cuda: bool, archs: str | None = None) -> str:
+    """Hash of every source file, the flags and the toolchain versions that the library depends on."""
     import torch
 
+    h = hashlib.sha256()
+    src = source_dir()
+    for path in sorted(p for p in src.iterdir() if p.suffix in SOURCE_SUFFIXES):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    parts = [CFLAGS, LDFLAGS, CUDA_CFLAGS if cuda else [], [str(cuda), archs or ""],
+             [sys.version, torch.__version__, str(torch.version.cuda), os.environ.get("CXX", "c++")]]
+    h.update(repr(parts).encode())
+    return h.hexdigest()[:16]
+
+
+def _load(name: str, cuda: bool, build_directory: Path, verbose: bool = False) -> Path:
+    from torch.utils.cpp_extension import load
+
+    kwargs = dict(name=name, sources=[str(s) for s in _sources(cuda)],
+                  extra_cflags=CFLAGS + (["-DWITH_CUDA"] if cuda else []), extra_ldflags=LDFLAGS,
+                  extra_include_paths=[str(source_dir())], verbose=verbose, is_python_module=False,
+                  build_directory=str(build_directory))
+    if cuda:
+        kwargs["extra_cuda_cflags"] = CUDA_CFLAGS
+    build_directory.mkdir(parents=True, exist_ok=True)
+    load(**kwargs)  # builds if needed (ninja, under a file lock) and loads the library: registers torch.ops.locbe
+    return build_directory / f"{name}.so"
+
+
+def library_path(cuda: bool) -> Path:
+    name = "locbe_lattice_cuda" if cuda else "locbe_lattice_cpu"
+    return cache_root() / f"{name}-{build_key(cuda)}" / f"{name}.so"
+
+
+_loaded: dict[str, bool] = {}
+
+
+def load_extension(cuda: bool | None = None):
+    """Load (building on first use) the op library and return ``torch.ops.locbe``.
+
+    One library per process: the CUDA build (which contains the CPU kernels) when a GPU is available or
+    ``cuda=True``, else the CPU build. Both register the same ``TORCH_LIBRARY`` and cannot be loaded together,
+    so once one is loaded it serves every later call."""
+    import torch
+
+    if "cuda" in _loaded:
+        if cuda and not _loaded["cuda"]:
+            raise RuntimeError("the CPU-only lattice op library is already loaded in this process")
+        return torch.ops.locbe
     if cuda is None:
         cuda = torch.cuda.is_available()
     _check_compiler()
-    src = source_dir()
-    if cuda:
-        return _load("locbe_lattice_cuda", [src / "lattice_cpu.cpp", src / "lattice_cuda.cu"], cuda=True)
-    return _load("locbe_lattice_cpu", [src / "lattice_cpu.cpp"], cuda=False)
+    lib = library_path(cuda)
+    if not lib.is_file():
+        print(f"locbe: compiling the regularized-loss op ({'CPU+CUDA' if cuda else 'CPU'}) from {source_dir()} "
+              f"into {lib.parent} (first use, about a minute)", file=sys.stderr, flush=True)
+    _load(lib.stem, cuda, lib.parent)
+    _loaded["cuda"] = cuda
+    return torch.ops.locbe
+
+
+def ensure_loaded() -> None:
+    """Build/load the op now and run it once: training calls this before step 0 when it uses the reg loss."""
+    import torch
+
+    ops = load_extension()
+    out = ops.lattice_filter(torch.zeros(1, 3, 2, 2), torch.ones(1, 1, 2, 2), 5.0, 5.0)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("the lattice op loaded but returned non-finite values on a 2x2 test input")
 
 
 def find_cuda_home() -> Path | None:
@@ -90,25 +154,23 @@ def find_cuda_home() -> Path | None:
 
 
 def build_cuda(build_directory: str, archs: str = DEFAULT_CUDA_ARCHS, verbose: bool = False) -> Path:
-    """Compile and link the CUDA backend (no GPU needed); returns the shared library's path."""
-    import torch.utils.cpp_extension as ext
+    """Compile and link the CUDA backend (no GPU needed); returns the shared library's path.
+
+    Runs in a subprocess: loading it here would register ``locbe`` a second time next to the CPU build."""
 
     home = find_cuda_home()
     if home is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend")
-    src = source_dir()
-    before = os.environ.get("TORCH_CUDA_ARCH_LIST"), ext.CUDA_HOME
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    ext.CUDA_HOME = str(home)  # torch guesses it once at import, from nvcc on PATH (a wrapper script misleads it)
-    try:
-        _load("locbe_lattice_cuda_build", [src / "lattice_cpu.cpp", src / "lattice_cuda.cu"], cuda=True,
-              build_directory=build_directory, verbose=verbose, is_python_module=False)
-    finally:
-        ext.CUDA_HOME = before[1]
-        if before[0] is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = before[0]
+    # torch guesses CUDA_HOME once at import, from nvcc on PATH (a wrapper script misleads it): name it
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, CUDA_HOME=str(home))
+    code = ("import sys, pathlib; from locbe.regloss.build import _load; "
+            "_load('locbe_lattice_cuda_build', True, pathlib.Path(sys.argv[1]), verbose=sys.argv[2] == '1')")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-c", code, build_directory, "1" if verbose else "0"], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the CUDA build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     lib = Path(build_directory) / "locbe_lattice_cuda_build.so"
     if not lib.is_file():
         raise RuntimeError(f"the CUDA build finished without producing {lib}")
@@ -125,12 +187,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import time
 
+    import torch
+
     t0 = time.perf_counter()
-    load_extension(cuda=False)
-    print(f"CPU extension ready ({time.perf_counter() - t0:.1f} s)")
+    load_extension()
+    cuda = torch.cuda.is_available()
+    print(f"{'CPU+CUDA' if cuda else 'CPU'} op library ready: {library_path(cuda)} ({time.perf_counter() - t0:.1f} s)")
     if args.cuda:
         t0 = time.perf_counter()
-        build_dir = args.build_dir or os.path.join(os.path.expanduser("~"), ".cache", "locbe", "cuda_build")
+        build_dir = args.build_dir or str(cache_root() / "cuda_build")
         lib = build_cuda(build_dir, args.archs, args.verbose)
         print(f"CUDA backend compiled and linked for {args.archs}: {lib} ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from locbe.regloss.op import check_inputs
+from locbe.regloss.checks import check_inputs
 
 
 def serial_lattice_filter(image_255: torch.Tensor, values: torch.Tensor, sigma_xy: float, sigma_rgb: float,
@@ -18,8 +18,8 @@ def serial_lattice_filter(image_255: torch.Tensor, values: torch.Tensor, sigma_x
     from locbe.regloss.build import load_extension
 
     check_inputs(image_255, values, sigma_xy, sigma_rgb)
-    return load_extension(cuda=False).lattice_filter_serial(image_255.cpu(), values.cpu(), float(sigma_xy),
-                                                            float(sigma_rgb), transpose)
+    return load_extension().lattice_filter_serial(image_255.cpu(), values.cpu(), float(sigma_xy), float(sigma_rgb),
+                                                  transpose)
 
 
 def features(image_255: torch.Tensor, sigma_xy: float, sigma_rgb: float, dtype=torch.float64) -> torch.Tensor:
