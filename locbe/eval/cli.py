@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-CRF_WORKERS = max(1, min(2, os.cpu_count() or 1))  # EvalOptions.workers
+CRF_WORKERS = None  # EvalOptions.workers: None = the CPU cores shared among this node's torchrun ranks
 
 
 def add_arguments(p) -> None:
@@ -14,18 +13,28 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
                    help="dataset layout and class list")
     p.add_argument("--data-root", required=True, help="dataset root (VOC2012 / COCO in VOC layout / synthetic)")
-    p.add_argument("--split", default="val", help="split list to evaluate (ImageSets/.../<split>.txt)")
+    p.add_argument("--split", default="val",
+                   help="split list to evaluate (ImageSets/.../<split>.txt; COCO: the full 'val' by default)")
     p.add_argument("--backbone", help="needed for the authors' checkpoints if not ViT-B/16")
     p.add_argument("--num-classes", type=int, help="21 VOC, 81 COCO (read from our checkpoints)")
-    p.add_argument("--multi-scale", action="store_true", help="scales 1.0/1.25/1.5 x flip")
+    p.add_argument("--multi-scale", action="store_true",
+                   help="the dataset protocol's scales x flip (locbe/eval/protocol.py)")
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing (pydensecrf)")
     p.add_argument("--cam", action="store_true", help="also CAM and PAR pseudo-label mIoU")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (default: all)")
-    p.add_argument("--workers", type=int, default=CRF_WORKERS, help="CRF processes")
+    p.add_argument("--protocol", choices=["voc", "coco", "smoke"], help="evaluation protocol (default: the dataset's)")
+    p.add_argument("--workers", type=int, default=CRF_WORKERS,
+                   help="CRF processes (default: the CPU cores / torchrun ranks on this node)")
+    p.add_argument("--batch-size", type=int, help="images per forward where shapes allow (default: 1 CPU, 8 CUDA)")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="autocast for the network passes (recorded in the metrics)")
     p.add_argument("--save-predictions", type=Path, help="write palette PNGs here")
     p.add_argument("--save-logits", action="store_true", help="with --save-predictions: also fp16 .npy logits")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
     p.add_argument("--out", type=Path, help="metrics.json goes here (default: next to the checkpoint)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of resuming from the per-image records of an interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:

@@ -37,9 +37,13 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     return np.asarray(d.inference(params.n_iter), dtype=np.float32).reshape(c, h, w)
 
 
-def _crf_job(args):
+def crf_job(args):
+    """``(image, probs, params)`` -> CRF label map (uint8); a top-level function, so process pools can run it."""
     image, probs, params = args
     return dense_crf(image, probs, params).argmax(0).astype(np.uint8)
+
+
+_crf_job = crf_job
 
 
 def crf_labels_parallel(jobs, workers: int, params: CRFParams = CRFParams(), progress: bool = True):
