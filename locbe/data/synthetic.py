@@ -130,14 +130,20 @@ def background(rng, h, w) -> np.ndarray:
     return np.clip(img * (0.8 + 0.4 * yy), 0, 1)
 
 
-def make_image(rng: np.random.Generator, first_class: int, cfg: SyntheticConfig):
-    h = int(rng.integers(cfg.min_size, cfg.max_size + 1))
-    w = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+def make_image(rng: np.random.Generator, first_class: int, cfg: SyntheticConfig,
+               size: tuple[int, int] | None = None, num_fg: int = NUM_FG):
+    """(H, W, 3) uint8 image and its mask; ``size`` (H, W) fixed or drawn from the config's range, extra
+    objects drawn among ``num_fg`` foreground classes (20 VOC, 80 COCO)."""
+    if size is None:
+        h = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+        w = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+    else:
+        h, w = size
     img = background(rng, h, w)
     mask = np.zeros((h, w), dtype=np.uint8)
     void = np.zeros((h, w), dtype=bool)
     n_obj = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
-    classes = [first_class] + [int(c) for c in rng.integers(NUM_FG, size=n_obj - 1)]
+    classes = [first_class] + [int(c) for c in rng.integers(num_fg, size=n_obj - 1)]
     for c in classes:
         alpha, rgb = draw_object(rng, class_style(c), h, w, area_frac=rng.uniform(0.05, 0.4 / n_obj + 0.05))
         img = alpha[..., None] * rgb + (1 - alpha[..., None]) * img

@@ -2,7 +2,9 @@
 
 Layout under ``root``: ``JPEGImages/<name>.jpg``, masks in ``SegmentationClassAug/`` (VOC; falls back
 to ``SegmentationClass/``), split lists ``ImageSets/Segmentation/<split>.txt`` (or ``ImageSets/<split>.txt``),
-image-level labels ``cls_labels_onehot.npy`` (dict name -> F-dim 0/1) or derived from the masks.
+image-level labels ``cls_labels_onehot.npy`` (dict name -> F-dim 0/1) or derived from the masks. COCO in
+the authors' layout keeps images and masks in ``train2014/`` and ``val2014/`` sub-folders
+(``JPEGImages/val2014/COCO_val2014_000000000042.jpg``); ``coco_subdir`` picks one as their loader does.
 
 Class-label file vs masks: when both exist and disagree for an item, locbe warns once per item and
 uses the file's labels (the labels the authors trained with); ``verify()`` lists every disagreement.
@@ -32,6 +34,14 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     fg = present[(present > 0) & (present < num_classes)]
     out[fg - 1] = 1
     return out
+
+
+def coco_subdir(root: Path, split: str) -> str | None:
+    """``train2014`` / ``val2014`` when ``root`` has the authors' COCO layout (``JPEGImages/train2014/...``), as
+    their loader picks it: val2014 for a split whose name contains "val", train2014 otherwise."""
+    if not (root / "JPEGImages" / "train2014").is_dir() and not (root / "JPEGImages" / "val2014").is_dir():
+        return None
+    return "val2014" if "val" in split else "train2014"
 
 
 def read_image(path: Path) -> Image.Image:
@@ -76,6 +86,11 @@ class VOCSegmentation(torch.utils.data.Dataset):
         self.names = self._read_split()
         self.image_dir = self.root / "JPEGImages"
         self.mask_dir = next((self.root / d for d in MASK_DIRS if (self.root / d).is_dir()), None)
+        sub = coco_subdir(self.root, split)
+        if sub is not None:  # the authors' COCO layout: JPEGImages/{train2014,val2014}, masks likewise
+            self.image_dir = self.image_dir / sub
+            if self.mask_dir is not None:
+                self.mask_dir = self.mask_dir / sub
         needs_masks = (split != "test") if require_masks is None else require_masks
         self._check_files(needs_masks)
         label_path = Path(label_file) if label_file else self.root / LABEL_FILE
