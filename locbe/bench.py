@@ -161,7 +161,8 @@ def table(current: dict[str, dict], previous: dict[str, dict] | None) -> str:
     for name, r in current.items():
         row = {"benchmark": name, "mean s": r["mean_s"]}
         for key in ("images_per_s", "peak_mb", "peak_over_S", "workspace_over_S", "speedup_vs_plain",
-                    "speedup_cam_bf16_vs_plain", "peak_vs_plain", "loss_rel_diff_vs_plain", "max_rel_err"):
+                    "speedup_cam_bf16_vs_plain", "plain_vs_authors", "fast_vs_authors", "reg_loss_share",
+                    "peak_vs_plain", "loss_rel_diff_vs_plain", "max_rel_err"):
             if key in r:
                 row[key] = r[key]
         if previous and name in previous:

@@ -349,3 +349,26 @@ def test_cuda_backend_compiles_and_links_for_sm80_sm90(tmp_path):
     # the fatbinary names each target architecture (cuobjdump is not part of a bare nvcc install)
     blob = lib.read_bytes()
     assert b"sm_80" in blob and b"sm_90" in blob
+
+
+def test_host_layout_loss_equals_the_op_and_its_gradient():
+    """The authors' layout (host copies, serial per-channel filter) computes the loss and gradient of the op."""
+    from locbe.regloss.host import HostRegularizedLoss
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 24, 32, generator=g) * 255
+    logits = torch.randn(2, 5, 24, 32, generator=g)
+    crop = torch.ones(2, 24, 32)
+    crop[1, :, 20:] = 0
+    pseudo = torch.randint(0, 5, (2, 24, 32), generator=g)
+    pseudo[:, :8] = 255
+    grads, values = [], []
+    for loss_fn in (RegularizedLoss(weight=1e-3), HostRegularizedLoss(weight=1e-3)):
+        x = logits.clone().requires_grad_(True)
+        value = loss_fn(images, torch.softmax(x, 1), crop, pseudo)
+        value.backward()
+        values.append(value.detach())
+        grads.append(x.grad)
+    assert values[0].abs() > 0 and grads[0].abs().max() > 0
+    torch.testing.assert_close(values[1], values[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-12)
