@@ -292,8 +292,11 @@ def run(args) -> int:
         print(f"    {name}: {result['status']} ({result['seconds']} s)", flush=True)
         return result
 
-    stage("build", [py, "-c", "from locbe.regloss.build import load_extension; m = load_extension(cuda=True); "
-                              "print('built and loaded', m.__file__)"], LIMITS["build"])
+    # the CUDA op for TORCH_CUDA_ARCH_LIST (sm_80, sm_90 + PTX) and the CPU op the references use; later
+    # stages load both from the same TORCH_EXTENSIONS_DIR
+    stage("build", [py, "-c", "from locbe.regloss.build import load_extension as f; c = f(cuda=False); "
+                              "g = f(cuda=True); print('built and loaded', c.__file__, g.__file__)"],
+          LIMITS["build"])
     junit = folder / "cuda_tests.xml"
     stage("cuda_tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                          "tests"], LIMITS["cuda_tests"])

@@ -102,3 +102,28 @@ def test_coco_rehearsal_evaluates_full_val_with_the_coco_protocol(tmp_path):
     table = pd.read_csv(tmp_path / "reports" / "coco" / "results.csv")
     assert list(table["split"])[:2] == ["val", "val"]
     assert (tmp_path / "run" / "val.jsonl").is_file()  # training-time validation (val_part) ran too
+
+
+def test_reproduce_has_no_hard_coded_device():
+    """Every stage of reproduce takes the configured device (issue 12): no "cpu"/"cuda" literal in the module."""
+    import ast
+
+    import locbe.reproduce
+
+    tree = ast.parse(Path(locbe.reproduce.__file__).read_text())
+    literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    assert not [v for v in literals if v.strip().lower() in ("cpu", "cuda")]
+
+
+def test_resolve_device_rules(monkeypatch):
+    import torch
+
+    from locbe.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu" and resolve_device(None).type == "cpu"
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
