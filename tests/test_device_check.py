@@ -85,10 +85,11 @@ def test_gpu_info_names_the_device():
 
 @pytest.mark.slow
 def test_smoke_stage_cpu_twin(tmp_path):
-    """The smoke stage's code path (probe, shrunk schedule, training, three evaluations) on CPU, tiny."""
+    """The smoke stage's code path (probe, shrunk schedule, training, three evaluations) on CPU, tiny; a zero
+    time budget gives the minimum number of steps, whatever the machine's speed."""
     from locbe.data.synthetic import SyntheticConfig
 
-    figures = dc.smoke(tmp_path, train_seconds=1.0, device="cpu", probe_steps=2, min_steps=3, cam_images=3,
+    figures = dc.smoke(tmp_path, train_seconds=0.0, device="cpu", probe_steps=2, min_steps=3, cam_images=3,
                        data_cfg=SyntheticConfig(seed=4, num_train=8, num_val=3, min_size=48, max_size=64),
                        overrides=("crop_size=64", "batch_size=4", "num_workers=0", "loc_crop_size=32"))
     assert figures["device"] == "cpu" and figures["steps"] == 3 and figures["probe_steps"] == 2
