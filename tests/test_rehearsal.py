@@ -5,6 +5,7 @@ code path end to end: its schedule (every phase), its evaluation protocol and sp
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,16 @@ def test_cap_schedule_keeps_every_phase():
     for preset, n_phases in (("voc", 2), ("coco", 3)):
         cfg = cap_schedule(get_preset(preset), 3)
         assert cfg.max_steps == 3 and len(cfg.phases) == n_phases
-        seen = [tuple(sorted(cfg.loss_weights(s))) for s in range(1, 4)]
+        seen = [tuple(sorted(cfg.loss_weights(s))) for s in range(3)]  # 0-based steps
         assert len(set(seen)) == n_phases  # every phase of the real schedule gets a step
-        assert seen[-1] == tuple(sorted(get_preset(preset).loss_weights(get_preset(preset).max_steps)))
+        real = get_preset(preset)
+        assert seen[0] == tuple(sorted(real.loss_weights(0)))
+        assert seen[-1] == tuple(sorted(real.loss_weights(real.max_steps - 1)))
+    for steps in (10, 200):  # larger caps keep the phases' shares of the schedule
+        cfg = cap_schedule(get_preset("voc"), steps)
+        assert cfg.phases[0].until + 1 == math.ceil(2001 * steps / 20000)  # 2001 of 20000 steps, rounded up
+    with pytest.raises(ValueError, match="too few"):
+        cap_schedule(get_preset("coco"), 2)
 
 
 def _log(out: Path) -> list[dict]:

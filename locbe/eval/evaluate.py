@@ -189,7 +189,8 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
                     cam = cams[j].to(device)
                     record["cam"] = sparse_confusion(camlib.cam_to_label(cam, label, bkg_thre=cam_cfg.bkg_thre)[0],
                                                      gt, num_classes)
-                    refined = camlib.refine_cams_with_par(par, denormalize(image), cam, label, item["img_box"][None],
+                    refined = camlib.refine_cams_with_par(par, denormalize(image), cam, label,
+                                                          item["img_box"][None].to(device),
                                                           high=cam_cfg.high, low=cam_cfg.low)[0].cpu()
                     # pseudo labels leave uncertain pixels at 255; scored as background (what training does not learn)
                     refined = torch.where(refined == camlib.IGNORE, torch.zeros_like(refined), refined)
