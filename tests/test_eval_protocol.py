@@ -250,3 +250,16 @@ def test_records_sum_to_the_confusion_matrix(tiny, tmp_path):
     cm = ConfusionMatrix(21)
     cm.matrix = torch.from_numpy(m.reshape(21, 21))
     assert_metrics_equal(cm.compute(), res["seg"])
+
+
+def test_crf_process_pool_gives_the_inline_result(tiny, tmp_path):
+    """CRF jobs handed to a pool of 2 processes (bounded window, records written as they return) give the
+    inline CRF's matrices."""
+    model = StubSeg(num_classes=21, seed=9)
+    opts = dict(multi_scale=True, crf=True, progress=False, max_images=5)
+    inline = evaluate(model, tiny, 21, EvalOptions(**opts, workers=1))
+    pooled = evaluate(model, tiny, 21, EvalOptions(**opts, workers=2, resume_dir=tmp_path / "p"))
+    for key in ("seg", "seg_crf"):
+        assert_metrics_equal(pooled[key], inline[key])
+    lines = (tmp_path / "p" / "part-0.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["i"] for x in lines) == list(range(5))
