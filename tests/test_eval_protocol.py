@@ -217,10 +217,11 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tiny, tmp_path):
     parts = tmp_path / "parts"
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, Interrupting(tiny, stop_at=4), 21, EvalOptions(**opts, resume_dir=parts))
-    lines = (parts / "part-0.jsonl").read_text().splitlines()
+    (part,) = parts.glob("part-*-0.jsonl")
+    lines = part.read_text().splitlines()
     assert [json.loads(x)["i"] for x in lines] == [0, 1, 2, 3]  # written as made, CRF included
     assert all("seg_crf" in json.loads(x) for x in lines)
-    with open(parts / "part-0.jsonl", "a") as f:
+    with open(part, "a") as f:
         f.write('{"i": 4, "name": "torn')  # killed mid-write: ignored on resume
 
     again = Interrupting(tiny)
@@ -228,7 +229,7 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tiny, tmp_path):
     assert again.read == [4, 5]  # only what was missing
     for key in ("seg", "seg_crf"):
         assert_metrics_equal(resumed[key], straight[key])
-    lines = (parts / "part-0.jsonl").read_text().splitlines()
+    lines = part.read_text().splitlines()
     assert [json.loads(x)["i"] for x in lines if x.endswith("}")] == list(range(6))  # the torn line stays alone
 
     # another checkpoint (tag) starts over
@@ -244,7 +245,8 @@ def test_records_sum_to_the_confusion_matrix(tiny, tmp_path):
     model = StubSeg(num_classes=21, seed=7)
     res = evaluate(model, tiny, 21, EvalOptions(progress=False, resume_dir=tmp_path / "p", batch_size=4))
     m = np.zeros(21 * 21, dtype=np.int64)
-    for line in (tmp_path / "p" / "part-0.jsonl").read_text().splitlines():
+    (part,) = (tmp_path / "p").glob("part-*-0.jsonl")
+    for line in part.read_text().splitlines():
         for idx, count in json.loads(line)["seg"]:
             m[idx] += count
     cm = ConfusionMatrix(21)
@@ -261,5 +263,20 @@ def test_crf_process_pool_gives_the_inline_result(tiny, tmp_path):
     pooled = evaluate(model, tiny, 21, EvalOptions(**opts, workers=2, resume_dir=tmp_path / "p"))
     for key in ("seg", "seg_crf"):
         assert_metrics_equal(pooled[key], inline[key])
-    lines = (tmp_path / "p" / "part-0.jsonl").read_text().splitlines()
+    (part,) = (tmp_path / "p").glob("part-*-0.jsonl")
+    lines = part.read_text().splitlines()
     assert sorted(json.loads(x)["i"] for x in lines) == list(range(5))
+
+
+def test_records_of_another_evaluation_are_never_read(tiny, tmp_path):
+    """A part file of another fingerprint in the folder (left by another run, e.g. on another node's disk that
+    rank 0 never cleans) is ignored: its records would otherwise replace this evaluation's images."""
+    model = StubSeg(num_classes=21, seed=1)
+    opts = dict(progress=False, tag="ck-1", resume_dir=tmp_path / "p")
+    first = evaluate(model, tiny, 21, EvalOptions(**opts))
+    bogus = [json.dumps({"i": i, "name": "x", "seg": [[0, 10**6]]}) for i in range(len(tiny))]
+    (tmp_path / "p" / "part-0123456789abcdef-1.jsonl").write_text("\n".join(bogus) + "\n")
+    resumed = Interrupting(tiny)
+    again = evaluate(model, resumed, 21, EvalOptions(**opts))
+    assert resumed.read == []  # everything came from this evaluation's own records
+    assert_metrics_equal(again["seg"], first["seg"])  # and none from the other file

@@ -6,12 +6,14 @@ batch where shapes allow); chunk c belongs to rank ``c % world_size``. A chunk's
 same way whatever the number of processes, so every image's logits, and hence the summed confusion
 matrices, are bitwise those of a single process (tests/test_eval_sharded.py runs 2 processes with gloo).
 
-Resume: each rank appends one JSON line per finished image to ``<resume_dir>/part-<rank>.jsonl`` (its
-index, name and the non-zero entries of its confusion contribution per metric), flushed as it is made. A
-restarted evaluation reads every part file (any earlier world size), keeps the first record of each
-image, and evaluates only the rest; a torn last line (killed mid-write) is ignored. ``meta.json`` holds
-the fingerprint of what is evaluated (checkpoint, options, protocol, image list): a different one clears
-the folder first.
+Resume: each rank appends one JSON line per finished image to ``<resume_dir>/part-<fp>-<rank>.jsonl``
+(its index, name and the non-zero entries of its confusion contribution per metric), flushed as it is
+made; ``fp`` is the fingerprint of what is evaluated (checkpoint tag, options, protocol, image list, also
+in ``meta.json``). A restarted evaluation reads every part file of that fingerprint (any earlier world
+size), keeps the first record of each image, and evaluates only the rest; a torn last line (killed
+mid-write) is ignored. Rank 0 clears a folder of another fingerprint. Each rank counts only the images of
+its own chunks, so without a shared filesystem (several nodes) the result is still exact: a record a rank
+cannot see is recomputed.
 """
 
 from __future__ import annotations
@@ -110,17 +112,21 @@ class RecordStore:
         self._file = None
         if folder is None:
             return
-        meta = {"fingerprint": fingerprint(meta), **meta}
+        fp = fingerprint(meta)
+        meta = {"fingerprint": fp, **meta}
         meta_path = folder / "meta.json"
         if shard.is_main:
-            stale = meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") != meta["fingerprint"]
+            stale = meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") != fp
             if stale:
                 shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
             if not meta_path.is_file():
                 atomic_write_json(meta_path, meta)
         barrier()
-        for part in sorted(folder.glob("part-*.jsonl")):
+        # every rank makes the folder (other nodes may not share rank 0's disk) and reads only records of
+        # this fingerprint, whatever else the folder holds there
+        folder.mkdir(parents=True, exist_ok=True)
+        for part in sorted(folder.glob(f"part-{fp}-*.jsonl")):
             with open(part) as f:
                 for line in f:
                     try:
@@ -129,7 +135,7 @@ class RecordStore:
                         continue  # torn last line of a killed run
                     if isinstance(rec, dict) and "i" in rec:
                         self.done.setdefault(int(rec["i"]), rec)
-        path = folder / f"part-{shard.rank}.jsonl"
+        path = folder / f"part-{fp}-{shard.rank}.jsonl"
         torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         self._file = open(path, "a")  # noqa: SIM115 - closed in close()
         if torn:
