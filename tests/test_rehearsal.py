@@ -135,3 +135,31 @@ def test_resolve_device_rules(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(ValueError):
         resolve_device("tpu")
+
+
+@pytest.mark.slow
+def test_voc_rehearsal_under_torchrun_two_processes(tmp_path):
+    """reproduce under torchrun (gloo, 2 CPU processes): training averages over the ranks, every evaluation is
+    sharded over them, rank 0 alone writes the tables."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    repo = Path(__file__).resolve().parents[1]
+    assert cli(["make-layout", "--dataset", "voc", "--out", str(tmp_path / "data"), "--num-train", "6",
+                "--num-val", "3"]) == 0
+    root = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "locbe.cli", "reproduce",
+                          "--preset", "voc", "--data-root", str(root), "--out", str(tmp_path / "run"),
+                          "--reports", str(tmp_path / "reports"), *CAPS], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for key in ("val_ms_crf", "val_single", "train_cam"):
+        res = json.loads((tmp_path / "run" / "eval" / f"{key}.json").read_text())
+        assert res["world_size"] == 2 and res["num_images"] == 2, key
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["world_size"] == 2
+    assert "x 2 process(es)" in (tmp_path / "reports" / "voc" / "results.md").read_text()
+    assert not list((tmp_path / "run" / "eval").glob("*.parts"))  # records summed into the metrics, removed
