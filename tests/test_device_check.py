@@ -96,3 +96,51 @@ def test_smoke_stage_cpu_twin(tmp_path):
     for key in ("eval_single_miou", "eval_ms_crf_miou", "eval_cam_miou"):
         assert 0 <= figures[key] <= 100, key
     assert {"cls", "total"} <= set(figures["final_losses"])
+
+
+def test_orchestration_blind(tmp_path, monkeypatch, capsys):
+    """The whole command with the GPU stages faked: stage order, what each stage runs, the report, the exit
+    status (0 when every stage passed, 1 when one failed), the smoke figures picked up."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_stage(name, cmd, timeout, log, env=None):
+        calls.append((name, cmd, env))
+        if name == "cuda_tests":
+            junit = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
+            Path(junit).write_text('<testsuite><testcase classname="t" name="a"/></testsuite>')
+        if name.startswith("bench_"):
+            path = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
+            Path(path).write_text(json.dumps({"benchmarks": [
+                {"name": f"{name}[cuda]", "stats": {"mean": 0.5, "median": 0.5, "rounds": 3},
+                 "extra_info": {"reg_loss_share": 0.7}}]}))
+        if name == "smoke":
+            Path(cmd[-1]).write_text(json.dumps({"steps": 640, "eval_ms_crf_miou": 31.5}))
+        status = "failed" if name == fail_at else "ok"
+        return {"stage": name, "status": status, "rc": 0 if status == "ok" else 1, "seconds": 1.0,
+                "log": f"{name}.log", "tail": "boom" if status != "ok" else ""}
+
+    monkeypatch.setattr(dc, "no_gpu_line", lambda: None)
+    monkeypatch.setattr(dc, "gpu_info", lambda: {"gpu": "Fake GPU", "driver": "1.2", "torch": "x", "cuda_runtime": "y"})
+    monkeypatch.setattr(dc, "run_stage", fake_stage)
+    for fail_at, want in ((None, 0), ("bench_par", 1)):
+        calls.clear()
+        rc = dc.run(SimpleNamespace(out=str(tmp_path / str(fail_at)), skip=[]))
+        assert rc == want
+        assert [c[0] for c in calls] == ["build", "cuda_tests", "bench_regloss", "bench_par", "bench_step", "smoke"]
+        build_env = calls[0][2]
+        assert build_env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX" and "cuda=True" in calls[0][1][-1]
+        assert ["-m", "cuda"] == calls[1][1][3:5]
+        assert all(env["TORCH_EXTENSIONS_DIR"] == build_env["TORCH_EXTENSIONS_DIR"] for _, _, env in calls)
+        (folder,) = (tmp_path / str(fail_at)).iterdir()
+        report = json.loads((folder / "device_check.json").read_text())
+        assert report["smoke"]["steps"] == 640 and report["cuda_tests"]["passed"] == 1
+        assert report["benchmarks"]["step"][0]["reg_loss_share"] == 0.7
+        out = capsys.readouterr().out
+        assert "Fake GPU" in out and "31.5" in out and str(folder) in out
+    assert "boom" in out and "some stages did not pass" in out
+    calls.clear()
+    fail_at = None
+    assert dc.run(SimpleNamespace(out=str(tmp_path / "skip"), skip=["benchmarks", "smoke"])) == 0
+    assert [c[0] for c in calls] == ["build", "cuda_tests"]
