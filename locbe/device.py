@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(pref: str | None = "auto") -> torch.device:
+def resolve_device(pref: str | None = "auto"):
     """``auto``: CUDA when available, else CPU. Under torchrun a CUDA device is ``cuda:LOCAL_RANK``.
-    ``cuda`` without a usable GPU is an error that says so."""
+    ``cuda`` without a usable GPU is an error that says so. (torch is imported here, not at module level:
+    ``DEVICE_CHOICES`` serves ``--help`` without torch.)"""
+    import torch
+
     pref = pref or "auto"
     if pref not in DEVICE_CHOICES:
         raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {pref!r}")

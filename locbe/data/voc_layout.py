@@ -136,11 +136,12 @@ def make_coco_layout(root: str | Path, num_train: int = 16, num_val: int = 6, se
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--dataset", choices=["voc", "coco"], required=True)
+    p.add_argument("--dataset", choices=["voc", "coco"], required=True,
+                   help="voc: VOC 2012 + SBD layout (21 classes); coco: the authors' COCO 2014 layout (81 classes)")
     p.add_argument("--out", required=True, help="voc: writes OUT/VOCdevkit/VOC2012; coco: writes OUT")
-    p.add_argument("--num-train", type=int, default=16)
-    p.add_argument("--num-val", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=16, help="training images (train_aug / train2014)")
+    p.add_argument("--num-val", type=int, default=6, help="validation images (val / val2014)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
 
 
 def run(args) -> int:
