@@ -9,9 +9,8 @@ the filter runs. On a GPU the host round trip and the serial CPU filter are what
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from locbe.regloss.op import RegularizedLoss, check_inputs
+from locbe.regloss.op import RegularizedLoss
 
 
 class _HostGatedRegLoss(torch.autograd.Function):
@@ -45,12 +44,5 @@ class HostRegularizedLoss(RegularizedLoss):
     the weight multiplies inside the autograd function so that the gradient matches ``RegularizedLoss``."""
 
     def forward(self, images_255, probs, crop_mask, pseudo_label):
-        if pseudo_label.dim() == 3:
-            pseudo_label = pseudo_label.unsqueeze(1)
-        s = self.scale_factor
-        img = F.interpolate(images_255.float(), scale_factor=s, mode="nearest")
-        small = F.interpolate(probs, scale_factor=s, mode="bilinear", align_corners=False)
-        mask = F.interpolate(crop_mask.unsqueeze(1).to(small.dtype), scale_factor=s, mode="nearest").squeeze(1)
-        label = F.interpolate(pseudo_label.float(), scale_factor=s, mode="nearest").squeeze(1)
-        check_inputs(img, small, self.sigma_xy * s, self.sigma_rgb)
-        return _HostGatedRegLoss.apply(img, small, mask, label, self.weight, self.sigma_xy * s, self.sigma_rgb)
+        img, small, mask, label, sigma_xy = self.downsample(images_255, probs, crop_mask, pseudo_label)
+        return _HostGatedRegLoss.apply(img, small, mask, label, self.weight, sigma_xy, self.sigma_rgb)

@@ -104,7 +104,9 @@ class RegularizedLoss(torch.nn.Module):
         if backend != "dense":
             ops()  # load (or build) the op now, not at the first call (which may be inside a compiled graph)
 
-    def forward(self, images_255, probs, crop_mask, pseudo_label):
+    def downsample(self, images_255, probs, crop_mask, pseudo_label):
+        """The authors' inputs to the filter at ``scale_factor``: image and masks nearest, probabilities
+        bilinear; returns (image, probs, crop mask, label, sigma_xy at that scale), checked."""
         if pseudo_label.dim() == 3:
             pseudo_label = pseudo_label.unsqueeze(1)
         s = self.scale_factor
@@ -112,8 +114,11 @@ class RegularizedLoss(torch.nn.Module):
         small = F.interpolate(probs, scale_factor=s, mode="bilinear", align_corners=False)
         mask = F.interpolate(crop_mask.unsqueeze(1).to(small.dtype), scale_factor=s, mode="nearest").squeeze(1)
         label = F.interpolate(pseudo_label.float(), scale_factor=s, mode="nearest").squeeze(1)
-        sigma_xy = self.sigma_xy * s
-        check_inputs(img, small, sigma_xy, self.sigma_rgb)
+        check_inputs(img, small, self.sigma_xy * s, self.sigma_rgb)
+        return img, small, mask, label, self.sigma_xy * s
+
+    def forward(self, images_255, probs, crop_mask, pseudo_label):
+        img, small, mask, label, sigma_xy = self.downsample(images_255, probs, crop_mask, pseudo_label)
         b = small.shape[0]
         gate = mask - small.detach().amax(dim=1)
         gate = torch.where(label == 255, torch.ones_like(gate), gate).clamp_min(0).unsqueeze(1)
