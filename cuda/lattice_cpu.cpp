@@ -1,6 +1,6 @@
-// CPU backend: the kernels of lattice_kernels.h in parallel loops (or one image per thread), the plain serial
-// reference (one channel at a time, std::map lattice, simple loops) used by the tests, and the registration of
-// the custom ops `locbe::lattice_filter` and `locbe::lattice_filter_serial` (TORCH_LIBRARY).
+// CPU backend: the kernels of lattice_kernels.h in parallel loops (or whole images per thread, lattice_serial.h),
+// the plain serial reference (one channel at a time, std::map lattice, simple loops) used by the tests, and the
+// registration of the custom ops `locbe::lattice_filter` and `locbe::lattice_filter_serial` (TORCH_LIBRARY).
 #include <torch/library.h>
 
 #include <array>
@@ -12,7 +12,6 @@
 namespace locbe {
 
 struct CpuLaunch {
-  static constexpr bool kSerial = false;
   static constexpr bool kCuda = false;
   template <class F>
   static void run(int64_t n, const F& f) {

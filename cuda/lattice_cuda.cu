@@ -17,7 +17,6 @@ __global__ void grid_kernel(int64_t n, F f) {
 }
 
 struct CudaLaunch {
-  static constexpr bool kSerial = false;
   static constexpr bool kCuda = true;
   template <class F>
   static void run(int64_t n, const F& f) {

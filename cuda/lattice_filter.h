@@ -1,25 +1,21 @@
-// The filter driver, written once for both backends: allocates buffers with torch on the input's device (no
-// host copies of data; one scalar, the lattice size, is read back) and runs the kernels of lattice_kernels.h
-// through a launcher policy `Launch::run(n, functor)`.
+// The filter driver of the parallel schedules, written once for both backends: allocates buffers with torch on the
+// input's device (no host copies of data; the lattice size and a finiteness flag are read back) and runs the
+// kernels of lattice_kernels.h through a launcher policy `Launch::run(n, functor)`: CudaLaunch (a grid on the
+// current stream) or CpuLaunch (a parallel loop over elements).
 //
-// Launchers: CudaLaunch (a grid on the current stream), CpuLaunch (a parallel loop over elements) and
-// SerialLaunch (a plain loop). On the CPU, when the batch has at least as many images as there are threads,
-// each thread filters whole images with SerialLaunch: one parallel region per call instead of one per kernel,
-// so a thread that the scheduler delays (a busy neighbour process) holds up the call once, not at every
-// kernel boundary, and the splat needs neither atomics nor a sort.
+// On the CPU, when the batch has at least as many images as there are threads, each thread instead filters whole
+// images (lattice_serial.h): one parallel region per call instead of one per kernel, so a thread that the
+// scheduler delays (a busy neighbour process) holds up the call once, not at every kernel boundary.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <ctime>
 
 #include "lattice_kernels.h"
+#include "lattice_serial.h"
 
 namespace locbe {
 
@@ -29,71 +25,21 @@ inline int64_t next_pow2(int64_t v) {
   return p;
 }
 
-struct SerialLaunch {
-  static constexpr bool kSerial = true;
-  static constexpr bool kCuda = false;
-  template <class F>
-  static void run(int64_t n, const F& f) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-  }
-};
-
-// LOCBE_LATTICE_PROFILE=1: per-stage CPU times (this thread's, so other processes' load does not count) of each
-// image filtered by SerialLaunch, on stderr (docs/regloss.md)
-struct StageClock {
-  bool on;
-  double t = 0;
-  char buf[512];
-  int len = 0;
-  static double now_ms() {
-#ifdef __linux__
-    timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-#else
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-#endif
-  }
-  explicit StageClock(bool enabled) : on(enabled) {
-    if (on) t = now_ms();
-  }
-  void mark(const char* stage) {
-    if (!on) return;
-    const double now = now_ms();
-    len += std::snprintf(buf + len, sizeof(buf) - len, " %s %.2f", stage, now - t);
-    t = now;
-  }
-  ~StageClock() {
-    if (on) std::fprintf(stderr, "lattice stages (ms):%s\n", buf);
-  }
-};
-
-inline bool profile_stages() {
-  static const bool on = [] {
-    const char* v = std::getenv("LOCBE_LATTICE_PROFILE");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
-enum class Splat { kScatterPlain, kScatterAtomic, kGather };
+enum class Splat { kScatterAtomic, kGather };
 
 // One image: image (3, N) float32, values (K, N), out (K, N).
 template <class Launch, typename scalar_t>
 void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t k, int64_t h, int64_t w,
                   double sigma_xy, double sigma_rgb, Splat splat, bool reverse, const torch::TensorOptions& opts) {
   const int64_t n = h * w, entries = n * kV;
-  StageClock clock(Launch::kSerial && profile_stages());
   auto i32 = opts.dtype(torch::kInt32);
   auto pixel_keys = torch::empty({n, kPix}, opts.dtype(torch::kInt16));
   auto weights = torch::empty({entries}, opts);
   auto entry_lattice = torch::empty({entries}, i32);
   const double alpha = 1.0 / (1.0 + std::pow(2.0, -kD));
-  clock.mark("alloc");
   Launch::run(n, ElevateKernel<scalar_t>{img, n, w, static_cast<float>(1.0 / sigma_xy),
                                          static_cast<float>(1.0 / sigma_rgb), pixel_keys.data_ptr<int16_t>(),
                                          weights.data_ptr<scalar_t>()});
-  clock.mark("elevate");
   // Hash table size: a pixel whose key data equal the previous pixel's adds no new lattice point, so the points
   // number at most kV x (pixels that differ from the previous one, the first included). On photos that is a
   // fraction of all entries: a table several times smaller than one sized by N x kV (fewer cache misses, and the
@@ -103,10 +49,8 @@ void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t
   const int64_t capacity = next_pow2(std::min(entries, fresh * kV) + 1);
   const int64_t mask = capacity - 1;
   auto table = torch::full({capacity}, kEmpty, i32);
-  clock.mark("size");
-  Launch::run(n, InsertKernel<Launch::kSerial>{table.data_ptr<int>(), mask, pixel_keys.data_ptr<int16_t>(),
+  Launch::run(n, InsertKernel{table.data_ptr<int>(), mask, pixel_keys.data_ptr<int16_t>(),
                                                       entry_lattice.data_ptr<int32_t>()});
-  clock.mark("insert");
   auto slot_index = table.ne(kEmpty).cumsum(0, torch::kInt32);
   const int64_t m = slot_index[capacity - 1].item<int64_t>();
   auto point_keys = torch::empty({std::max<int64_t>(m, 1), kD}, opts.dtype(torch::kInt16));
@@ -115,14 +59,12 @@ void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t
   slot_index = torch::Tensor();  // buffers not needed any more are released before the lattice values exist
   pixel_keys = torch::Tensor();
   Launch::run(entries, EntryLatticeKernel{table.data_ptr<int>(), entry_lattice.data_ptr<int32_t>()});
-  clock.mark("compact");
   // the blur's neighbours, once per image for all channel chunks and axes; then the hash table can go
   auto neighbours = torch::empty({kV, m, 2}, i32);
   Launch::run(kV * m, NeighbourKernel{table.data_ptr<int>(), mask, point_keys.data_ptr<int16_t>(), m,
                                       neighbours.data_ptr<int32_t>()});
   table = torch::Tensor();
   point_keys = torch::Tensor();
-  clock.mark("neighbours");
 
   torch::Tensor order, seg_end;
   if (splat == Splat::kGather) {
@@ -148,22 +90,14 @@ void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t
         break;
       case Splat::kScatterAtomic:
         lattice.zero_();
-        Launch::run(n, SplatScatterKernel<scalar_t, true>{vin_c, weights.data_ptr<scalar_t>(),
+        Launch::run(n, SplatScatterKernel<scalar_t>{vin_c, weights.data_ptr<scalar_t>(),
                                                           entry_lattice.data_ptr<int32_t>(), n, kc,
                                                           lattice.data_ptr<scalar_t>()});
         break;
-      case Splat::kScatterPlain:  // only with SerialLaunch: one thread adds in pixel order
-        if constexpr (Launch::kSerial) {
-          lattice.zero_();
-          Launch::run(n, SplatScatterKernel<scalar_t, false>{vin_c, weights.data_ptr<scalar_t>(),
-                                                             entry_lattice.data_ptr<int32_t>(), n, kc,
-                                                             lattice.data_ptr<scalar_t>()});
-        } else {
-          TORCH_CHECK(false, "the plain scatter splat runs serially");
-        }
-        break;
     }
-    clock.mark("splat");
+    // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
+    TORCH_CHECK_VALUE(lattice.narrow(0, 0, m).isfinite().all().item<bool>(),
+                      "lattice_filter: values must be finite (found NaN or inf)");
     lattice[m].zero_();  // the missing neighbour
     other[m].zero_();
     for (int step = 0; step <= kD; ++step) {
@@ -172,15 +106,10 @@ void filter_image(const float* img, const scalar_t* vin, scalar_t* vout, int64_t
                                           neighbours.data_ptr<int32_t>() + static_cast<int64_t>(j) * m * 2, kc});
       std::swap(lattice, other);
     }
-    clock.mark("blur");
     Launch::run(n, SliceKernel<scalar_t>{lattice.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
                                          entry_lattice.data_ptr<int32_t>(), n, kc, static_cast<scalar_t>(alpha),
                                          vout + c0 * n});
-    clock.mark("slice");
   }
-  if (clock.on) clock.len += std::snprintf(clock.buf + clock.len, sizeof(clock.buf) - clock.len,
-                                            " | M %lld, table %lld for %lld entries", static_cast<long long>(m),
-                                            static_cast<long long>(capacity), static_cast<long long>(entries));
 }
 
 // image: (B, 3, H, W) in 0..255; values: (B, K, H, W) float32/float64. Returns W * values, or W^T * values with
@@ -222,11 +151,12 @@ torch::Tensor lattice_filter_impl(const torch::Tensor& image_in, const torch::Te
       for (int64_t bi = 0; bi < b; ++bi) one(bi, Launch{}, deterministic ? Splat::kGather : Splat::kScatterAtomic);
     } else {
       const int64_t threads = at::get_num_threads();
-      if (b >= threads || threads == 1) {
+      if ((b >= threads || threads == 1) && !atomic_splat) {
         // whole images per thread (grain 0: the batch is split evenly into one range per thread)
-        const Splat splat = atomic_splat ? Splat::kScatterAtomic : Splat::kScatterPlain;
         at::parallel_for(0, b, 0, [&](int64_t b0, int64_t b1) {
-          for (int64_t bi = b0; bi < b1; ++bi) one(bi, SerialLaunch{}, splat);
+          for (int64_t bi = b0; bi < b1; ++bi)
+            filter_image_whole<scalar_t>(img + bi * 3 * n, vin + bi * k * n, vout + bi * k * n, k, h, w, sigma_xy,
+                                         sigma_rgb, reverse);
         });
       } else {
         const Splat splat = atomic_splat ? Splat::kScatterAtomic : Splat::kGather;

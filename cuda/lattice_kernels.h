@@ -107,7 +107,55 @@ HOST_DEVICE inline int round_half_away(float x) {
 }
 
 // ---------------------------------------------------------------------------- 1. elevate
-// One pixel: its compact key data and d+1 barycentric weights (the math of Kraehenbuehl's permutohedral.cpp).
+// One point: the remainder-0 vertex rem0 (multiples of kV), the ranks (a permutation of 0..kD) and the d+1
+// barycentric weights (the math of Kraehenbuehl's permutohedral.cpp). Shared by ElevateKernel and the CPU
+// whole-image schedule (lattice_serial.h).
+HOST_DEVICE inline void elevate_point(const float* f, int* rem0, int* rank, float* bary) {
+  const float inv_std = sqrtf(2.0f / 3.0f) * (kD + 1);
+  float elevated[kV];
+  float sm = 0.0f;
+  for (int j = kD; j > 0; --j) {
+    float cf = f[j - 1] * (1.0f / sqrtf(static_cast<float>((j + 1) * j)) * inv_std);
+    elevated[j] = sm - j * cf;
+    sm += cf;
+  }
+  elevated[0] = sm;
+
+  const float down = 1.0f / (kD + 1);
+  const float up = static_cast<float>(kD + 1);
+  int sum = 0;
+  for (int j = 0; j <= kD; ++j) {
+    int rd = round_half_away(down * elevated[j]);
+    rem0[j] = static_cast<int>(rd * up);
+    sum += rd;
+    rank[j] = 0;
+  }
+  float diff[kV];
+  for (int j = 0; j <= kD; ++j) diff[j] = elevated[j] - rem0[j];
+  for (int a = 0; a < kD; ++a) {
+    for (int b = a + 1; b <= kD; ++b) {  // branch-free: the comparisons are unpredictable
+      const int lt = diff[a] < diff[b];
+      rank[a] += lt;
+      rank[b] += 1 - lt;
+    }
+  }
+  for (int j = 0; j <= kD; ++j) {
+    rank[j] += sum;
+    if (rank[j] < 0) { rank[j] += kD + 1; rem0[j] += kD + 1; }
+    else if (rank[j] > kD) { rank[j] -= kD + 1; rem0[j] -= kD + 1; }
+  }
+  float b[kV + 1];
+  for (int j = 0; j <= kD + 1; ++j) b[j] = 0.0f;
+  for (int j = 0; j <= kD; ++j) {
+    float v = (elevated[j] - rem0[j]) * down;
+    b[kD - rank[j]] += v;
+    b[kD - rank[j] + 1] -= v;
+  }
+  b[0] += 1.0f + b[kD + 1];
+  for (int r = 0; r <= kD; ++r) bary[r] = b[r];
+}
+
+// One pixel: its compact key data and d+1 barycentric weights.
 template <typename scalar_t>
 struct ElevateKernel {
   const float* image;  // (3, N) channel-first, 0..255
@@ -121,49 +169,9 @@ struct ElevateKernel {
     f[0] = static_cast<float>(i % width) * inv_sxy;
     f[1] = static_cast<float>(i / width) * inv_sxy;
     for (int c = 0; c < 3; ++c) f[2 + c] = image[c * n + i] * inv_srgb;
-
-    const float inv_std = sqrtf(2.0f / 3.0f) * (kD + 1);
-    float elevated[kV];
-    float sm = 0.0f;
-    for (int j = kD; j > 0; --j) {
-      float cf = f[j - 1] * (1.0f / sqrtf(static_cast<float>((j + 1) * j)) * inv_std);
-      elevated[j] = sm - j * cf;
-      sm += cf;
-    }
-    elevated[0] = sm;
-
-    const float down = 1.0f / (kD + 1);
-    const float up = static_cast<float>(kD + 1);
     int rem0[kV], rank[kV];
-    int sum = 0;
-    for (int j = 0; j <= kD; ++j) {
-      int rd = round_half_away(down * elevated[j]);
-      rem0[j] = static_cast<int>(rd * up);
-      sum += rd;
-      rank[j] = 0;
-    }
-    float diff[kV];
-    for (int j = 0; j <= kD; ++j) diff[j] = elevated[j] - rem0[j];
-    for (int a = 0; a < kD; ++a) {
-      for (int b = a + 1; b <= kD; ++b) {  // branch-free: the comparisons are unpredictable
-        const int lt = diff[a] < diff[b];
-        rank[a] += lt;
-        rank[b] += 1 - lt;
-      }
-    }
-    for (int j = 0; j <= kD; ++j) {
-      rank[j] += sum;
-      if (rank[j] < 0) { rank[j] += kD + 1; rem0[j] += kD + 1; }
-      else if (rank[j] > kD) { rank[j] -= kD + 1; rem0[j] -= kD + 1; }
-    }
-    float bary[kV + 1];
-    for (int j = 0; j <= kD + 1; ++j) bary[j] = 0.0f;
-    for (int j = 0; j <= kD; ++j) {
-      float v = (elevated[j] - rem0[j]) * down;
-      bary[kD - rank[j]] += v;
-      bary[kD - rank[j] + 1] -= v;
-    }
-    bary[0] += 1.0f + bary[kD + 1];
+    float bary[kV];
+    elevate_point(f, rem0, rank, bary);
 
     int16_t* p = pixel_keys + i * kPix;
     int ranks = 0;
@@ -177,11 +185,9 @@ struct ElevateKernel {
 };
 
 // ---------------------------------------------------------------------------- 2. insert
-// One pixel, its d+1 entries (pixel, vertex): claim a slot for each key (a slot keeps the first entry id that
-// claimed it). kInOrder: the launcher runs the pixels one after the other (SerialLaunch). Then a pixel whose key
-// data equal the previous pixel's copies that pixel's slots (already written) instead of probing the table, and
-// the table needs no atomics. Parallel launchers use kInOrder = false.
-template <bool kInOrder>
+// One pixel, its d+1 entries (pixel, vertex): claim a slot for each key with an atomic compare-and-swap (a slot
+// keeps the first entry id that claimed it). The CPU whole-image schedule has its own serial table
+// (lattice_serial.h).
 struct InsertKernel {
   int* table;
   int64_t mask;
@@ -190,35 +196,13 @@ struct InsertKernel {
 
   HOST_DEVICE void operator()(int64_t pixel) const {
     const int64_t e0 = pixel * kV;
-    if (kInOrder && pixel > 0) {
-      const int16_t* p = pixel_keys + pixel * kPix;
-      bool same = true;
-      for (int j = 0; j < kPix; ++j) same = same && p[j] == p[j - kPix];
-      if (same) {
-        for (int r = 0; r < kV; ++r) entry_lattice[e0 + r] = entry_lattice[e0 - kV + r];
-        return;
-      }
-    }
     int16_t key[kD], other[kD];
     for (int r = 0; r < kV; ++r) {
       const int64_t e = e0 + r;
       entry_key(pixel_keys, e, key);
-      if (kInOrder && pixel > 0) {  // the same vertex of the previous pixel often has the same key
-        entry_key(pixel_keys, e - kV, other);
-        if (keys_equal(other, key)) {
-          entry_lattice[e] = entry_lattice[e - kV];
-          continue;
-        }
-      }
       int64_t s = hash_key(key) & mask;
       while (true) {
-        int found;
-        if (kInOrder) {
-          found = table[s];
-          if (found == kEmpty) table[s] = static_cast<int>(e);
-        } else {
-          found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
-        }
+        const int found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
         if (found == kEmpty) break;
         entry_key(pixel_keys, found, other);
         if (keys_equal(other, key)) break;
@@ -255,10 +239,9 @@ struct EntryLatticeKernel {
 };
 
 // ---------------------------------------------------------------------------- 4. splat
-// Scatter, one pixel: its K values go to its d+1 lattice points. With kAtomic the adds are atomic (the CUDA
-// default; the order of float additions is not fixed); without, the kernel must run serially (one image per CPU
-// thread) and then adds every lattice point's contributions in pixel order, the order the gather uses.
-template <typename scalar_t, bool kAtomic>
+// Scatter, one pixel: its K values go to its d+1 lattice points with atomic adds (the CUDA default; the order of
+// float additions is not fixed).
+template <typename scalar_t>
 struct SplatScatterKernel {
   const scalar_t* values_in;  // (K, N) one image
   const scalar_t* weights;
@@ -275,10 +258,7 @@ struct SplatScatterKernel {
     }
     for (int64_t c = 0; c < k; ++c) {
       const scalar_t v = values_in[c * n + pixel];
-      for (int r = 0; r < kV; ++r) {
-        if (kAtomic) atomic_add(lattice + row[r] + c, w[r] * v);
-        else lattice[row[r] + c] += w[r] * v;
-      }
+      for (int r = 0; r < kV; ++r) atomic_add(lattice + row[r] + c, w[r] * v);
     }
   }
 };

@@ -147,6 +147,39 @@ def test_atomic_splat_refused_in_deterministic_mode(extension):
         extension.lattice_filter(image, values, 5.0, 5.0, False, True)
 
 
+@pytest.mark.parametrize("batch,n_threads", [(2, 1), (2, 2), (1, 2)])  # whole images per thread; parallel
+def test_features_at_the_limit_match_reference(batch, n_threads):
+    """Features just below MAX_FEATURE: the packed keys of the whole-image schedule (12 bits per coordinate)
+    and the int16 keys of the parallel one still name every lattice point exactly."""
+    from locbe.regloss.checks import MAX_FEATURE
+
+    g = torch.Generator().manual_seed(5)
+    image = (torch.rand(batch, 3, 9, 11, generator=g) > 0.5).float() * 255  # colour features 0 or the limit
+    image[:, :, 0, 0] = torch.tensor([255.0, 0.0, 255.0])
+    values = torch.randn(batch, 3, 9, 11, generator=g, dtype=torch.float64)
+    sigma_rgb = 255 / (MAX_FEATURE - 1)
+    with threads(n_threads):
+        out = lattice_filter(image, values, 11 / (MAX_FEATURE - 1), sigma_rgb)  # positions up to the limit too
+    ref = serial_lattice_filter(image, values, 11 / (MAX_FEATURE - 1), sigma_rgb)
+    assert rel_l2(out, ref) < 1e-13
+
+
+@pytest.mark.parametrize("batch,n_threads", [(2, 1), (1, 2)])
+def test_kernel_itself_rejects_non_finite_input(batch, n_threads):
+    """Without the Python checks (inside torch.compile they are skipped) the kernel still refuses NaN and inf:
+    in values (found in the lattice sums, both schedules) and in the image (whole-image schedule)."""
+    image = torch.rand(batch, 3, 6, 7) * 255
+    for bad in (float("nan"), float("inf")):
+        values = torch.rand(batch, 2, 6, 7, dtype=torch.float64)
+        values[-1, 1, 3, 4] = bad
+        with threads(n_threads), pytest.raises(ValueError, match="values must be finite"):
+            _filter(image, values, 5.0, 15.0)
+    if n_threads == 1:
+        image[-1, 2, 5, 6] = float("nan")
+        with threads(n_threads), pytest.raises(ValueError, match="image features must be finite"):
+            _filter(image, torch.rand(batch, 2, 6, 7), 5.0, 15.0)
+
+
 # ---------------------------------------------------------------------------- autograd
 def test_gradcheck_quadratic_form():
     image = textured_image(7, 9, 4)

@@ -1,0 +1,375 @@
+// The CPU whole-image schedule: one thread filters one image from start to end (lattice_filter.h runs the batch as
+// one parallel region, an image per thread). Nothing is shared between threads, so this path can do what the
+// parallel kernels cannot:
+// - elevation and lattice insertion fused in one pass over the pixels, into a growable hash table sized by the
+//   lattice (thousands of points, in cache) rather than by a bound on it (hundreds of thousands of slots);
+// - lattice keys packed in one uint64 (`pack` below), so hashing, comparing and stepping to a neighbour are a few
+//   integer operations;
+// - splat and slice over pixel tiles transposed to channel-contiguous rows, so the inner loops over channels run
+//   on contiguous memory (the compiler vectorises them) while S stays (K, N);
+// - a thread-local workspace that keeps its pages between calls (a page fault costs about as much here as the
+//   arithmetic on the page).
+// Its results equal the parallel schedule's bitwise: every lattice point adds its contributions in pixel order,
+// and the slice adds the d+1 rows in vertex order, as SplatGatherKernel and SliceKernel do.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <limits>
+#include <vector>
+
+#include "lattice_kernels.h"
+
+namespace locbe {
+
+// LOCBE_LATTICE_PROFILE=1: per-stage CPU times (this thread's, so other processes' load does not count) of each
+// image filtered by the whole-image schedule, on stderr (docs/regloss.md)
+struct StageClock {
+  bool on;
+  double t = 0;
+  char buf[512];
+  int len = 0;
+  static double now_ms() {
+#ifdef __linux__
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+#else
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+#endif
+  }
+  explicit StageClock(bool enabled) : on(enabled) {
+    if (on) t = now_ms();
+  }
+  void mark(const char* stage) {
+    if (!on) return;
+    const double now = now_ms();
+    len += std::snprintf(buf + len, sizeof(buf) - len, " %s %.2f", stage, now - t);
+    t = now;
+  }
+  ~StageClock() {
+    if (on) std::fprintf(stderr, "lattice stages (ms):%s\n", buf);
+  }
+};
+
+inline bool profile_stages() {
+  static const bool on = [] {
+    const char* v = std::getenv("LOCBE_LATTICE_PROFILE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+namespace serial {
+
+// ---------------------------------------------------------------------------- packed keys
+// All kD coordinates of a lattice point are congruent to one remainder r (mod kV): key[j] = kV q_j + r. A key is
+// packed as r in bits 0-2 and q_j + kBias in 12 bits each (bits 3-62). Moving to a vertex or a neighbour changes
+// every q_j by at most 2, so |q_j| <= kMaxQ keeps every field inside its 12 bits: |rem0| <= kV kMaxQ, i.e.
+// features up to ~1380 (MAX_FEATURE = 1300 in locbe/regloss/checks.py). Larger inputs raise.
+constexpr int kBits = 12;
+constexpr int64_t kBias = int64_t{1} << (kBits - 1);
+constexpr int kMaxQ = kBias - 3;
+constexpr uint64_t field(int j) { return uint64_t{1} << (3 + kBits * j); }
+constexpr uint64_t all_fields() {
+  uint64_t s = 0;
+  for (int j = 0; j < kD; ++j) s += field(j);
+  return s;
+}
+constexpr uint64_t kAllFields = all_fields();
+constexpr uint64_t kNoKey = ~uint64_t{0};
+
+// The left and right neighbours of point p along lattice axis `axis` (the key data of NeighbourKernel: every
+// coordinate -1, the axis's +kD; and the opposite), on packed keys.
+inline uint64_t left_neighbour(uint64_t p, int axis) {
+  const uint64_t ua = axis < kD ? field(axis) : 0;
+  return (p & 7) >= 1 ? p - 1 + ua : p + kD - (kAllFields - ua);
+}
+inline uint64_t right_neighbour(uint64_t p, int axis) {
+  const uint64_t ua = axis < kD ? field(axis) : 0;
+  return (p & 7) <= kD - 1 ? p + 1 - ua : p - kD + (kAllFields - ua);
+}
+
+// ---------------------------------------------------------------------------- workspace
+// Buffers grow and never shrink: a thread filtering image after image reuses pages that are already mapped.
+// Held per thread for the life of the process (about 60 bytes per pixel of the largest image filtered, plus the
+// lattice values).
+struct Workspace {
+  std::vector<unsigned char> weights, entries, lattice, other, tile, neighbours;
+  std::vector<uint64_t> points, slot_keys;
+  std::vector<int32_t> slot_index;
+  int64_t last_capacity = 0;
+
+  template <typename T>
+  static T* take(std::vector<unsigned char>& v, int64_t count) {
+    const size_t bytes = static_cast<size_t>(count) * sizeof(T);
+    if (v.size() < bytes) v.resize(bytes);
+    return reinterpret_cast<T*>(v.data());
+  }
+};
+
+inline Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
+// ---------------------------------------------------------------------------- hash table
+// Open addressing, linear probing, at most half full; grows by rehashing the point list (the points are numbered
+// in insertion order, so the table holds nothing else).
+class PointTable {
+ public:
+  PointTable(Workspace& ws, int64_t capacity) : ws_(ws) { reset(capacity); }
+
+  int32_t find(uint64_t key) const {
+    for (uint64_t s = slot(key);; s = (s + 1) & mask_) {
+      const uint64_t k = keys_[s];
+      if (k == key) return index_[s];
+      if (k == kNoKey) return -1;
+    }
+  }
+
+  int32_t find_or_add(uint64_t key) {
+    uint64_t s = slot(key);
+    for (;; s = (s + 1) & mask_) {
+      const uint64_t k = keys_[s];
+      if (k == key) return index_[s];
+      if (k == kNoKey) break;
+    }
+    const int32_t l = static_cast<int32_t>(size_);
+    if (static_cast<int64_t>(ws_.points.size()) <= size_) ws_.points.resize(2 * size_ + 1024);
+    ws_.points[size_++] = key;
+    if (2 * size_ > capacity_) {
+      reset(2 * capacity_);  // reinserts every point, this one included
+    } else {
+      keys_[s] = key;
+      index_[s] = l;
+    }
+    return l;
+  }
+
+  int64_t size() const { return size_; }
+  int64_t capacity() const { return capacity_; }
+  const uint64_t* points() const { return ws_.points.data(); }
+
+ private:
+  uint64_t slot(uint64_t key) const { return (key * 0x9E3779B97F4A7C15ull) >> shift_; }
+
+  void reset(int64_t capacity) {
+    capacity_ = capacity;
+    mask_ = static_cast<uint64_t>(capacity - 1);
+    shift_ = 64;
+    for (int64_t c = capacity; c > 1; c >>= 1) --shift_;
+    if (static_cast<int64_t>(ws_.slot_keys.size()) < capacity) {
+      ws_.slot_keys.resize(capacity);
+      ws_.slot_index.resize(capacity);
+    }
+    keys_ = ws_.slot_keys.data();
+    index_ = ws_.slot_index.data();
+    std::fill(keys_, keys_ + capacity, kNoKey);
+    for (int64_t l = 0; l < size_; ++l) {
+      uint64_t s = slot(ws_.points[l]);
+      while (keys_[s] != kNoKey) s = (s + 1) & mask_;
+      keys_[s] = ws_.points[l];
+      index_[s] = static_cast<int32_t>(l);
+    }
+  }
+
+  Workspace& ws_;
+  uint64_t* keys_ = nullptr;
+  int32_t* index_ = nullptr;
+  int64_t size_ = 0, capacity_ = 0;
+  uint64_t mask_ = 0;
+  int shift_ = 64;
+};
+
+// ---------------------------------------------------------------------------- 1+2. elevate and insert
+// Returns false if a feature is not finite or too large for packed keys.
+template <typename scalar_t>
+bool build_lattice(const float* img, int64_t h, int64_t w, float inv_sxy, float inv_srgb, PointTable& table,
+                   scalar_t* weights, int32_t* entries) {
+  const int64_t n = h * w;
+  bool ok = true;
+  int prev_rem0[kD] = {0}, prev_ranks = -1;
+  uint64_t prev_key[kV];
+  int32_t prev_index[kV] = {0};
+  std::fill(prev_key, prev_key + kV, kNoKey);
+  for (int64_t y = 0; y < h; ++y) {
+    for (int64_t x = 0; x < w; ++x) {
+      const int64_t i = y * w + x;
+      float f[kD] = {static_cast<float>(x) * inv_sxy, static_cast<float>(y) * inv_sxy, img[i] * inv_srgb,
+                     img[n + i] * inv_srgb, img[2 * n + i] * inv_srgb};
+      for (int j = 0; j < kD; ++j) {
+        const bool finite = std::fabs(f[j]) <= 1e6f;  // false for NaN: the int conversions below stay defined
+        ok = ok && finite;
+        if (!finite) f[j] = 0.0f;
+      }
+      int rem0[kV], rank[kV];
+      float bary[kV];
+      elevate_point(f, rem0, rank, bary);
+      for (int r = 0; r < kV; ++r) weights[i * kV + r] = static_cast<scalar_t>(bary[r]);
+
+      int ranks = 0;
+      bool same = true;
+      for (int j = 0; j < kD; ++j) {
+        ranks |= rank[j] << (3 * j);
+        same = same && rem0[j] == prev_rem0[j];
+      }
+      int32_t* out = entries + i * kV;
+      if (same && ranks == prev_ranks) {  // the previous pixel's simplex: its lattice points
+        for (int r = 0; r < kV; ++r) out[r] = prev_index[r];
+        continue;
+      }
+      // vertex 0 is rem0; vertex r adds r to every coordinate and subtracts kV from those of rank > kD - r
+      uint64_t key = 0, drop[kV] = {0};
+      for (int j = 0; j < kD; ++j) {
+        ok = ok && std::abs(rem0[j]) <= kV * kMaxQ;
+        key += static_cast<uint64_t>(rem0[j] / kV + kBias) * field(j);
+        drop[rank[j]] = field(j);
+        prev_rem0[j] = rem0[j];
+      }
+      prev_ranks = ranks;
+      if (!ok) key = 0;  // out-of-range fields would carry into each other; the caller raises
+      for (int r = 0; r < kV; ++r) {
+        if (r > 0) key = key + 1 - drop[kD - r + 1];
+        if (key != prev_key[r]) {  // the same vertex of the previous pixel is often the same point
+          prev_key[r] = key;
+          prev_index[r] = table.find_or_add(key);
+        }
+        out[r] = prev_index[r];
+      }
+    }
+  }
+  return ok;
+}
+
+// ---------------------------------------------------------------------------- 4. splat
+// Pixels in tiles: a tile of the K x N values is transposed to rows of K, then each pixel adds w_r x its row to
+// its d+1 lattice rows. Every lattice point still receives its contributions in pixel order.
+constexpr int64_t kTile = 64;
+
+template <typename scalar_t>
+void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weights,
+           const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t* __restrict__ lattice,
+           scalar_t* __restrict__ tile) {
+  for (int64_t p0 = 0; p0 < n; p0 += kTile) {
+    const int64_t np = std::min(kTile, n - p0);
+    for (int64_t c = 0; c < k; ++c) {
+      const scalar_t* src = vin + c * n + p0;
+      for (int64_t p = 0; p < np; ++p) tile[p * k + c] = src[p];
+    }
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t i = p0 + p;
+      const scalar_t* v = tile + p * k;
+      for (int r = 0; r < kV; ++r) {
+        const scalar_t wr = weights[i * kV + r];
+        scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * kV + r]) * k;
+        for (int64_t c = 0; c < k; ++c) row[c] += wr * v[c];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- 6. slice
+// alpha x (sum over r, in vertex order, of w_r x lattice row), per tile, transposed back to (K, N).
+template <typename scalar_t>
+void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+           const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t alpha, scalar_t* __restrict__ vout,
+           scalar_t* __restrict__ tile) {
+  for (int64_t p0 = 0; p0 < n; p0 += kTile) {
+    const int64_t np = std::min(kTile, n - p0);
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t i = p0 + p;
+      scalar_t* __restrict__ acc = tile + p * k;
+      for (int64_t c = 0; c < k; ++c) acc[c] = 0;
+      for (int r = 0; r < kV; ++r) {
+        const scalar_t wr = weights[i * kV + r];
+        const scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * kV + r]) * k;
+        for (int64_t c = 0; c < k; ++c) acc[c] += wr * row[c];
+      }
+      for (int64_t c = 0; c < k; ++c) acc[c] = alpha * acc[c];
+    }
+    for (int64_t c = 0; c < k; ++c) {
+      scalar_t* dst = vout + c * n + p0;
+      for (int64_t p = 0; p < np; ++p) dst[p] = tile[p * k + c];
+    }
+  }
+}
+
+template <typename scalar_t>
+bool all_finite(const scalar_t* v, int64_t count) {
+  bool ok = true;
+  for (int64_t i = 0; i < count; ++i) ok &= std::fabs(v[i]) <= std::numeric_limits<scalar_t>::max();
+  return ok;
+}
+
+}  // namespace serial
+
+// One image on the calling thread: image (3, N) float32, values (K, N), out (K, N).
+template <typename scalar_t>
+void filter_image_whole(const float* img, const scalar_t* vin, scalar_t* vout, int64_t k, int64_t h, int64_t w,
+                        double sigma_xy, double sigma_rgb, bool reverse) {
+  using namespace serial;
+  const int64_t n = h * w;
+  StageClock clock(profile_stages());
+  Workspace& ws = workspace();
+  scalar_t* weights = Workspace::take<scalar_t>(ws.weights, n * kV);
+  int32_t* entries = Workspace::take<int32_t>(ws.entries, n * kV);
+  PointTable table(ws, std::max<int64_t>(ws.last_capacity, 4096));
+  const bool ok = build_lattice(img, h, w, static_cast<float>(1.0 / sigma_xy), static_cast<float>(1.0 / sigma_rgb),
+                                table, weights, entries);
+  TORCH_CHECK_VALUE(ok, "lattice_filter: image features must be finite and at most ~1300 in absolute value "
+                    "(pixel / sigma_rgb, position / sigma_xy); increase sigma_xy/sigma_rgb");
+  ws.last_capacity = table.capacity();
+  const int64_t m = table.size();
+  clock.mark("elevate+insert");
+
+  int32_t* neighbours = Workspace::take<int32_t>(ws.neighbours, kV * m * 2);
+  const uint64_t* points = table.points();
+  for (int axis = 0; axis < kV; ++axis) {
+    int32_t* nb = neighbours + static_cast<int64_t>(axis) * m * 2;
+    for (int64_t l = 0; l < m; ++l) {
+      const int32_t a = table.find(left_neighbour(points[l], axis)), b = table.find(right_neighbour(points[l], axis));
+      nb[2 * l] = a < 0 ? static_cast<int32_t>(m) : a;
+      nb[2 * l + 1] = b < 0 ? static_cast<int32_t>(m) : b;
+    }
+  }
+  clock.mark("neighbours");
+
+  // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed the image's share
+  // of S (K x N): the lattice can have more points than the image has pixels
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (2 * (m + 1))));
+  const scalar_t alpha = static_cast<scalar_t>(1.0 / (1.0 + std::pow(2.0, -kD)));
+  scalar_t* tile = Workspace::take<scalar_t>(ws.tile, kTile * chunk);
+  scalar_t* lattice = Workspace::take<scalar_t>(ws.lattice, (m + 1) * chunk);
+  scalar_t* other = Workspace::take<scalar_t>(ws.other, (m + 1) * chunk);
+  for (int64_t c0 = 0; c0 < k; c0 += chunk) {
+    const int64_t kc = std::min(chunk, k - c0);
+    std::fill(lattice, lattice + (m + 1) * kc, scalar_t(0));
+    splat(vin + c0 * n, weights, entries, n, kc, lattice, tile);
+    // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
+    TORCH_CHECK_VALUE(all_finite(lattice, m * kc), "lattice_filter: values must be finite (found NaN or inf)");
+    clock.mark("splat");
+    std::fill(other + m * kc, other + (m + 1) * kc, scalar_t(0));  // row M: the missing neighbour
+    for (int step = 0; step <= kD; ++step) {
+      const int j = reverse ? kD - step : step;  // reversed axis order = the exact transpose of W
+      const BlurKernel<scalar_t> blur{lattice, other, neighbours + static_cast<int64_t>(j) * m * 2, kc};
+      for (int64_t l = 0; l < m; ++l) blur(l);
+      std::swap(lattice, other);
+    }
+    clock.mark("blur");
+    slice(lattice, weights, entries, n, kc, alpha, vout + c0 * n, tile);
+    clock.mark("slice");
+  }
+  if (clock.on) clock.len += std::snprintf(clock.buf + clock.len, sizeof(clock.buf) - clock.len,
+                                            " | M %lld, table %lld", static_cast<long long>(m),
+                                            static_cast<long long>(table.capacity()));
+}
+
+}  // namespace locbe
