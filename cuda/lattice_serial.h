@@ -98,19 +98,24 @@ inline uint64_t right_neighbour(uint64_t p, int axis) {
 }
 
 // ---------------------------------------------------------------------------- workspace
-// Buffers grow and never shrink: a thread filtering image after image reuses pages that are already mapped.
-// Held per thread for the life of the process (about 60 bytes per pixel of the largest image filtered, plus the
-// lattice values).
+// Buffers grow and never shrink: a thread filtering image after image reuses pages that are already mapped. Held
+// per thread for the life of the process: 48-96 bytes per pixel of the largest image filtered, plus about 76 bytes
+// per lattice point (the peak of a cold call, output included, is measured in benchmarks/test_bench_regloss.py).
+// `shared` holds the hash table while the lattice is built and its neighbours found, then the lattice values.
 struct Workspace {
-  std::vector<unsigned char> weights, entries, lattice, other, tile, neighbours;
-  std::vector<uint64_t> points, slot_keys;
-  std::vector<int32_t> slot_index;
+  std::vector<unsigned char> weights, entries, shared, neighbours, tile;
+  std::vector<uint64_t> points;
   int64_t last_capacity = 0;
 
+  // The contents are not kept when a buffer grows: the old one is freed before the new one is made, so growing
+  // never holds both.
   template <typename T>
   static T* take(std::vector<unsigned char>& v, int64_t count) {
     const size_t bytes = static_cast<size_t>(count) * sizeof(T);
-    if (v.size() < bytes) v.resize(bytes);
+    if (v.size() < bytes) {
+      std::vector<unsigned char>().swap(v);
+      v.resize(bytes);
+    }
     return reinterpret_cast<T*>(v.data());
   }
 };
@@ -166,12 +171,8 @@ class PointTable {
     mask_ = static_cast<uint64_t>(capacity - 1);
     shift_ = 64;
     for (int64_t c = capacity; c > 1; c >>= 1) --shift_;
-    if (static_cast<int64_t>(ws_.slot_keys.size()) < capacity) {
-      ws_.slot_keys.resize(capacity);
-      ws_.slot_index.resize(capacity);
-    }
-    keys_ = ws_.slot_keys.data();
-    index_ = ws_.slot_index.data();
+    keys_ = Workspace::take<uint64_t>(ws_.shared, capacity * (sizeof(uint64_t) + sizeof(int32_t)) / sizeof(uint64_t));
+    index_ = reinterpret_cast<int32_t*>(keys_ + capacity);
     std::fill(keys_, keys_ + capacity, kNoKey);
     for (int64_t l = 0; l < size_; ++l) {
       uint64_t s = slot(ws_.points[l]);
@@ -342,13 +343,14 @@ void filter_image_whole(const float* img, const scalar_t* vin, scalar_t* vout, i
   }
   clock.mark("neighbours");
 
-  // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed the image's share
-  // of S (K x N): the lattice can have more points than the image has pixels
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (2 * (m + 1))));
+  // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed half the image's
+  // share of S (K x N): the lattice can have more points than the image has pixels. They take the hash table's
+  // place (not needed any more).
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (4 * (m + 1))));
   const scalar_t alpha = static_cast<scalar_t>(1.0 / (1.0 + std::pow(2.0, -kD)));
   scalar_t* tile = Workspace::take<scalar_t>(ws.tile, kTile * chunk);
-  scalar_t* lattice = Workspace::take<scalar_t>(ws.lattice, (m + 1) * chunk);
-  scalar_t* other = Workspace::take<scalar_t>(ws.other, (m + 1) * chunk);
+  scalar_t* lattice = Workspace::take<scalar_t>(ws.shared, 2 * (m + 1) * chunk);
+  scalar_t* other = lattice + (m + 1) * chunk;
   for (int64_t c0 = 0; c0 < k; c0 += chunk) {
     const int64_t kc = std::min(chunk, k - c0);
     std::fill(lattice, lattice + (m + 1) * kc, scalar_t(0));
