@@ -129,7 +129,8 @@ def test_reverse_order_is_the_exact_transpose():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_deterministic_mode_bitwise_across_runs_and_threads(dtype, batch):
     """B=1 with 2 threads runs the parallel schedule (atomic insert, ordered gather splat); with 1 thread, and
-    B=2 always, whole images per thread (in-order insert, plain scatter in pixel order): all bitwise equal."""
+    B=2 always, whole images per thread (lattice_serial.h: serial table, tiled splat in pixel order): all
+    bitwise equal."""
     image = textured_image(40, 36, 2).float().repeat(batch, 1, 1, 1)
     values = torch.randn(batch, 7, 40, 36, generator=torch.Generator().manual_seed(1), dtype=dtype)
     outs = []
