@@ -65,6 +65,8 @@ class TrainConfig:
     val_split: str = "val"
     num_classes: int = 21
     crop_size: int = 448
+    # the train view's colour jitter, grayscale and blur (method.md "Data")
+    photometric_aug: bool = True
     num_workers: int = 4
     # --- model
     backbone: str = "vit_base_patch16_224"
