@@ -65,6 +65,8 @@ class TrainConfig:
     val_split: str = "val"
     num_classes: int = 21
     crop_size: int = 448
+    # the train view's colour jitter, grayscale and blur (method.md "Data"); the smoke preset turns them off
+    photometric_aug: bool = True
     num_workers: int = 4
     # --- model
     backbone: str = "vit_base_patch16_224"
@@ -189,10 +191,15 @@ def _coco(**kw) -> TrainConfig:
 
 
 def _smoke(**kw) -> TrainConfig:
-    """A few minutes on 2 CPU cores: micro ViT from scratch on the synthetic VOC-layout set."""
+    """A few minutes on 2 CPU cores: micro ViT from scratch on the synthetic VOC-layout set.
+
+    Unlike the paper's recipe, no photometric augmentation (``photometric_aug=False``): the synthetic
+    classes are told apart by hue (20 hues 12-32 degrees apart) and texture frequency, which the authors'
+    hue jitter (+-36 degrees), grayscale and blur wipe out; with them the micro ViT barely learns to
+    classify in 1200 steps (seg mIoU 32 against 51.5 without, same steps and time; README)."""
     return TrainConfig(
         preset="smoke", dataset="synthetic", data_root="data/synthetic", train_split="train_aug",
-        backbone="vit_micro_patch16", crop_size=128, batch_size=8, max_steps=1200, lr=5e-4,
+        backbone="vit_micro_patch16", crop_size=128, photometric_aug=False, batch_size=8, max_steps=1200, lr=5e-4,
         head_lr_mult=10.0, warmup_steps=60, phases=_voc_phases(seg_start=200), num_workers=2,
         log_every=10, val_every=400, ckpt_every=100, fast_step=True, out_dir="runs/smoke", **kw,
     )

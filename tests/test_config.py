@@ -83,3 +83,41 @@ def test_config_hash_ignores_paths_but_not_maths():
     a = get_preset("voc")
     assert apply_overrides(a, ["out_dir=elsewhere"]).config_hash() == a.config_hash()
     assert apply_overrides(a, ["lr=1e-4"]).config_hash() != a.config_hash()
+
+
+def test_photometric_augmentation_is_off_only_in_the_smoke_presets():
+    """The paper's presets keep the authors' colour jitter / grayscale / blur; the smoke presets turn them off
+    (config.py `_smoke`)."""
+    for name in ("voc", "coco", "toco-voc", "toco-coco"):
+        assert get_preset(name).photometric_aug is True
+    for name in ("smoke", "smoke-toco"):
+        assert get_preset(name).photometric_aug is False
+    assert TrainConfig().photometric_aug is True
+    on = get_preset("smoke")
+    assert apply_overrides(on, ["photometric_aug=true"]).config_hash() != on.config_hash()
+
+
+def test_photometric_switch_reaches_the_train_view(tmp_path):
+    """With the switch off the train view is exactly the geometric pipeline (AugmentConfig(photometric=False),
+    same draws); with it on the colours change."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from locbe.data.synthetic import SyntheticConfig, make_synthetic
+    from locbe.data.transforms import AugmentConfig, augment
+    from locbe.training.sharding import build_train_dataset
+
+    root = make_synthetic(tmp_path / "syn", SyntheticConfig(num_train=2, num_val=1))
+    base = [f"data_root={json.dumps(str(root))}", "crop_size=64"]
+    off = build_train_dataset(apply_overrides(get_preset("smoke"), base))
+    on = build_train_dataset(apply_overrides(get_preset("smoke"), [*base, "photometric_aug=true"]))
+    assert off.aug == AugmentConfig(crop_size=64, photometric=False)
+    assert on.aug == AugmentConfig(crop_size=64, photometric=True)
+    _, image, mask = off.load(0)
+    geometric = AugmentConfig(crop_size=64, photometric=False)
+    expected, _, _ = augment(image, Image.fromarray(mask.astype(np.uint8)), geometric,
+                             np.random.default_rng([off.seed, off.epoch, 0]))
+    np.testing.assert_array_equal(off[0]["image"].numpy(), expected.transpose(2, 0, 1))
+    assert not np.allclose(off[0]["image"].numpy(), on[0]["image"].numpy())

@@ -92,6 +92,19 @@ def test_resume_with_another_config_refuses_naming_the_fields(root, tmp_path, ca
     assert json.loads((out / "config.json").read_text())["lr"] == 0.1 and steps_logged(out) == [1]
 
 
+def test_a_field_the_stored_config_predates_counts_with_its_default():
+    """A run made before a field existed (no key in its config.json) did what the field's default does: no
+    difference at that default, ``field: default -> new`` otherwise."""
+    from locbe.training.rundir import config_differences
+
+    voc = get_preset("voc")
+    stored = json.loads(json.dumps(voc.to_dict()))
+    del stored["photometric_aug"]
+    assert config_differences(stored, voc) == []
+    assert config_differences(stored, apply_overrides(voc, ["photometric_aug=false"])) == [
+        "photometric_aug: true -> false"]
+
+
 def test_resume_without_checkpoint_is_an_error(root, tmp_path, capsys):
     assert cli(train_args(root, tmp_path / "empty") + ["--resume"]) == errors.EXIT_BAD_INPUT
     line, = locbe_lines(capsys.readouterr().err, "train")

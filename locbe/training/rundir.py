@@ -50,12 +50,15 @@ def stored_config(out_dir: str | Path) -> dict | None:
 
 
 def config_differences(stored: dict, cfg: TrainConfig) -> list[str]:
-    """``field: old -> new`` for every result-changing field that differs (paths and logging ignored)."""
+    """``field: old -> new`` for every result-changing field that differs (paths and logging ignored).
+    A field that a stored config predates counts with its default (a field is added with the default that
+    keeps the earlier behaviour)."""
     current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as stored
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     keys = sorted((set(stored) | set(current)) - set(NOT_HASHED))
     diffs = []
     for k in keys:
-        old, new = stored.get(k, _ABSENT), current.get(k, _ABSENT)
+        old, new = stored.get(k, defaults.get(k, _ABSENT)), current.get(k, _ABSENT)
         if old != new:
             show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v)
             diffs.append(f"{k}: {show(old)} -> {show(new)}")

@@ -55,7 +55,8 @@ def build_train_dataset(cfg: TrainConfig):
                          "(e.g. VOCdevkit/VOC2012; `locbe make-synthetic --out DIR` makes a small one)")
     from locbe.data.transforms import AugmentConfig
 
-    augment_cfg = AugmentConfig(crop_size=cfg.crop_size, mirror_box=cfg.fidelity == "fixed")
+    augment_cfg = AugmentConfig(crop_size=cfg.crop_size, mirror_box=cfg.fidelity == "fixed",
+                                photometric=cfg.photometric_aug)
     return build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, train=True, crop_size=cfg.crop_size,
                          num_classes=cfg.num_classes, seed=cfg.seed, augment_cfg=augment_cfg)
 
