@@ -463,6 +463,18 @@ def test_param_groups_lr_multipliers(micro):
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([6e-5, 6e-4])
 
 
+def test_head_lr_mult_reaches_the_optimizer(micro):
+    """TrainConfig.head_lr_mult sets the classifiers' and decoder's lr (it was once ignored: fixed at 10x)."""
+    import dataclasses
+
+    from locbe.config import get_preset
+    from locbe.training.optim import build_optimizer
+
+    cfg = dataclasses.replace(get_preset("smoke"), lr=1e-3, head_lr_mult=3.0)
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(micro, cfg).param_groups}
+    assert lrs == pytest.approx({"encoder": 1e-3, "encoder_norm": 1e-3, "classifiers": 3e-3, "decoder": 3e-3})
+
+
 # --------------------------------------------------------------------------- construction errors
 
 def test_unknown_backbone_lists_known():

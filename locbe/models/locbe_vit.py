@@ -198,8 +198,9 @@ class LOCBENet(nn.Module):
         return self.encode(x)[0]
 
     # ------------------------------------------------------------------ optimisation
-    def param_groups(self) -> list[dict]:
-        """method.md: encoder weights and encoder norms at the base lr; classifiers and decoder at 10x.
+    def param_groups(self, head_lr_mult: float = 10.0) -> list[dict]:
+        """method.md: encoder weights and encoder norms at the base lr; classifiers and decoder at 10x
+        (``head_lr_mult``, TrainConfig.head_lr_mult).
         (Same weight decay everywhere, as the spec states.) Frozen parameters (the position embedding)
         are in no group, so no optimizer ever decays them."""
         enc_weights, enc_norms = [], []
@@ -210,8 +211,8 @@ class LOCBENet(nn.Module):
         return [
             {"name": "encoder", "params": enc_weights, "lr_mult": 1.0},
             {"name": "encoder_norm", "params": enc_norms, "lr_mult": 1.0},
-            {"name": "classifiers", "params": heads, "lr_mult": 10.0},
-            {"name": "decoder", "params": list(self.decoder.parameters()), "lr_mult": 10.0},
+            {"name": "classifiers", "params": heads, "lr_mult": head_lr_mult},
+            {"name": "decoder", "params": list(self.decoder.parameters()), "lr_mult": head_lr_mult},
         ]
 
 

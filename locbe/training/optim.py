@@ -16,7 +16,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 def build_optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = []
-    for g in net.param_groups():
+    for g in net.param_groups(head_lr_mult=cfg.head_lr_mult):
         g = dict(g)
         g.setdefault("lr_mult", 1.0)
         g["lr"] = cfg.lr * g["lr_mult"]
