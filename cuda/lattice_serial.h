@@ -13,7 +13,6 @@
 // and the slice adds the d+1 rows in vertex order, as SplatGatherKernel and SliceKernel do.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -133,20 +132,13 @@ class PointTable {
   PointTable(Workspace& ws, int64_t capacity) : ws_(ws) { reset(capacity); }
 
   int32_t find(uint64_t key) const {
-    for (uint64_t s = slot(key);; s = (s + 1) & mask_) {
-      const uint64_t k = keys_[s];
-      if (k == key) return index_[s];
-      if (k == kNoKey) return -1;
-    }
+    const uint64_t s = probe(key);
+    return keys_[s] == key ? index_[s] : -1;
   }
 
   int32_t find_or_add(uint64_t key) {
-    uint64_t s = slot(key);
-    for (;; s = (s + 1) & mask_) {
-      const uint64_t k = keys_[s];
-      if (k == key) return index_[s];
-      if (k == kNoKey) break;
-    }
+    const uint64_t s = probe(key);
+    if (keys_[s] == key) return index_[s];
     const int32_t l = static_cast<int32_t>(size_);
     if (static_cast<int64_t>(ws_.points.size()) <= size_) ws_.points.resize(2 * size_ + 1024);
     ws_.points[size_++] = key;
@@ -164,7 +156,12 @@ class PointTable {
   const uint64_t* points() const { return ws_.points.data(); }
 
  private:
-  uint64_t slot(uint64_t key) const { return (key * 0x9E3779B97F4A7C15ull) >> shift_; }
+  // the slot holding `key`, or the empty slot where it belongs
+  uint64_t probe(uint64_t key) const {
+    uint64_t s = (key * 0x9E3779B97F4A7C15ull) >> shift_;
+    while (keys_[s] != key && keys_[s] != kNoKey) s = (s + 1) & mask_;
+    return s;
+  }
 
   void reset(int64_t capacity) {
     capacity_ = capacity;
@@ -175,8 +172,7 @@ class PointTable {
     index_ = reinterpret_cast<int32_t*>(keys_ + capacity);
     std::fill(keys_, keys_ + capacity, kNoKey);
     for (int64_t l = 0; l < size_; ++l) {
-      uint64_t s = slot(ws_.points[l]);
-      while (keys_[s] != kNoKey) s = (s + 1) & mask_;
+      const uint64_t s = probe(ws_.points[l]);  // points are distinct: an empty slot
       keys_[s] = ws_.points[l];
       index_[s] = static_cast<int32_t>(l);
     }
