@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import venv
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,8 +264,12 @@ def test_first_use_build_is_keyed_by_sources(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_non_editable_install_runs_the_op_from_another_directory(tmp_path):
-    """`pip install .` (not editable) of the tracked tree into a fresh venv, then the op from an unrelated cwd.
+    """`pip install .` (not editable) of the tracked tree into its own directory, then the op from an unrelated cwd.
 
+    pip builds the wheel the way a user's `pip install .` does: in an isolated build environment holding only
+    pyproject's build requirements (setuptools; no torch), so nothing of the interpreter's own setuptools/wheel
+    is relied on. The install goes to a `--target` directory that is put first on PYTHONPATH, which hides the
+    editable checkout this suite runs from (its finder comes after the path entries).
     The op is built from the sources the wheel carries (locbe/regloss/csrc); their hash equals the checkout's,
     so the cache key, and hence this session's cached build, is shared (a fresh machine compiles once)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -275,12 +279,10 @@ def test_non_editable_install_runs_the_op_from_another_directory(tmp_path):
         if (ROOT / rel).is_file():
             (clone / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, clone / rel)
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)  # the system pip and setuptools
-    python = env_dir / "bin" / "python"
+    target = tmp_path / "site"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOCBE_CUDA_SRC")}
-    pip = subprocess.run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", str(clone)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                          str(clone)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert pip.returncode == 0, pip.stdout + pip.stderr
     shutil.rmtree(clone)  # nothing of the checkout is left to find
     from locbe.regloss.build import build_key
@@ -289,10 +291,11 @@ def test_non_editable_install_runs_the_op_from_another_directory(tmp_path):
             "out = lattice_filter(torch.rand(1, 3, 6, 5) * 255, torch.ones(1, 2, 6, 5)); "
             "print(locbe.__file__); print(build.source_dir()); print(build.build_key(False)); "
             "print(float(out.sum()) > 0)")
-    run = subprocess.run([python, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     where, src, key, ok = run.stdout.split()[-4:]
-    assert where.startswith(str(env_dir)) and src.startswith(str(env_dir)) and src.endswith("csrc")
+    assert where.startswith(str(target)) and src.startswith(str(target)) and src.endswith("csrc")
     assert key == build_key(False) and ok == "True"
 
 
