@@ -1,4 +1,4 @@
-"""Result tables (Markdown + CSV) against the reported numbers, per-class IoU, and PNG panels."""
+"""Result tables (Markdown + CSV) against the reported numbers and per-class IoU (panels: locbe/panels.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import io
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from locbe.fileio import atomic_path, atomic_write_text
+from locbe.fileio import atomic_write_text
 
 ROW_COLUMNS = ["method", "backbone", "dataset", "split", "metric", "reported", "reproduced", "delta", "status",
                "commit", "config_hash", "seed", "device", "torch", "timm"]
@@ -71,44 +70,3 @@ def write_tables(out_dir: Path, rows: list[dict], per_class: pd.DataFrame | None
         atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
         md += ["## Per-class IoU (%)", "", _markdown(per_class, floatfmt=".1f"), ""]
     atomic_write_text(out_dir / "results.md", "\n".join(md))
-
-
-# ----------------------------------------------------------------------------- panels
-def _colorize(label: np.ndarray, palette: list[int]) -> np.ndarray:
-    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    return pal[label.astype(np.int64).clip(0, 255)]
-
-
-def _heat(x: np.ndarray) -> np.ndarray:
-    """[0,1] -> a simple blue-red heat map (no matplotlib dependency)."""
-    x = np.clip(x, 0, 1)[..., None]
-    return (255 * np.concatenate([x, 1 - np.abs(2 * x - 1), 1 - x], axis=-1)).astype(np.uint8)
-
-
-def write_panel(path: Path, columns: list[tuple[str, np.ndarray]], height: int = 160) -> None:
-    """One row of labelled tiles: image | CAM | regions | pseudo label | prediction | ground truth."""
-    from PIL import Image, ImageDraw
-
-    tiles = []
-    for title, arr in columns:
-        im = Image.fromarray(arr)
-        w = int(im.width * height / im.height)
-        im = im.resize((w, height), Image.NEAREST)
-        canvas = Image.new("RGB", (w, height + 16), (255, 255, 255))
-        canvas.paste(im, (0, 16))
-        ImageDraw.Draw(canvas).text((2, 2), title, fill=(0, 0, 0))
-        tiles.append(canvas)
-    total = Image.new("RGB", (sum(t.width for t in tiles) + 4 * len(tiles), height + 16), (255, 255, 255))
-    x = 0
-    for t in tiles:
-        total.paste(t, (x, 0))
-        x += t.width + 4
-    with atomic_path(path, suffix=".png") as tmp:
-        total.save(tmp)
-
-
-def panel_columns(image_u8, cam, regions, pseudo, pred, gt, palette) -> list[tuple[str, np.ndarray]]:
-    region_colors = np.array([[40, 40, 40], [230, 200, 40], [220, 40, 40]], dtype=np.uint8)
-    return [("image", image_u8), ("CAM", _heat(cam)), ("regions 0/1/2", region_colors[regions]),
-            ("pseudo label", _colorize(pseudo, palette)), ("prediction", _colorize(pred, palette)),
-            ("ground truth", _colorize(gt, palette))]

@@ -78,6 +78,11 @@ def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progre
     return results
 
 
+PANELS_NOTE = ("Panels: `panels/<image id>.png`, the first validation images, one per file: image | CAM | region "
+               "partition | pseudo label | prediction | ground truth, titled with the image id and its image-level "
+               "classes; under the tiles a CAM colour bar, the region key (0 background / 1 uncertain / 2 "
+               "confident) and a legend naming every class colour shown.")
+
 # run-wide evaluation settings from the command line (--eval-amp, --max-images)
 _EVAL_CAPS: dict = {}
 
@@ -97,16 +102,17 @@ def _panels(checkpoint: Path, cfg: TrainConfig, out_dir: Path, n: int = 4) -> No
     import torch
 
     from locbe import cam as camlib
-    from locbe.data import build_dataset, denormalize, voc_palette
+    from locbe.data import COCO_CLASSES, VOC_CLASSES, build_dataset, denormalize, voc_palette
     from locbe.device import resolve_device
     from locbe.eval.evaluate import load_model_for_eval, seg_logits, to_uint8_image
+    from locbe.panels import Panel, image_classes_from_label, write_panel
     from locbe.par import PAR
-    from locbe.report import panel_columns, write_panel
 
     device = resolve_device(cfg.device)
     model, _ = load_model_for_eval(str(checkpoint), None, None, device)
     ds = build_dataset(cfg.dataset, cfg.data_root, cfg.val_split, train=False, num_classes=cfg.num_classes)
     par = PAR().to(device)
+    class_names = VOC_CLASSES if cfg.num_classes == len(VOC_CLASSES) else COCO_CLASSES
     with torch.no_grad():
         for i in range(min(n, len(ds))):
             item = ds[i]
@@ -117,9 +123,10 @@ def _panels(checkpoint: Path, cfg: TrainConfig, out_dir: Path, n: int = 4) -> No
                                                  high=cfg.high, low=cfg.low)[0]
             pred = seg_logits(model, image).argmax(1)[0]
             cam_max = (cams * label[:, :, None, None]).amax(1)[0]
-            cols = panel_columns(to_uint8_image(image), cam_max.cpu().numpy(), regions.cpu().numpy(),
-                                 pseudo.cpu().numpy(), pred.cpu().numpy(), item["mask"].numpy(), voc_palette())
-            write_panel(out_dir / "panels" / f"{item['name']}.png", cols)
+            panel = Panel(item["name"], to_uint8_image(image), cam_max.cpu().numpy(), regions.cpu().numpy(),
+                          pseudo.cpu().numpy(), pred.cpu().numpy(), item["mask"].numpy(),
+                          image_classes_from_label(item["cls_label"]), class_names)
+            write_panel(out_dir / "panels" / f"{item['name']}.png", panel, voc_palette())
 
 
 def acceptance_ratio(seg_miou: float, baselines: dict) -> float:
@@ -199,7 +206,7 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
              f"Evaluated: seg on `{vs}` ({seg['num_images']} images), CAM on `{ts}` ({cam['num_images']} images); "
              f"protocol `{seg_ms.get('protocol', 'smoke')}`; device {seg_ms.get('device')} x "
              f"{seg_ms.get('world_size', 1)} process(es); autocast {seg_ms.get('autocast', 'off')}.",
-             "Panels (image | CAM | region partition | pseudo label | prediction | ground truth): `panels/*.png`."]
+             PANELS_NOTE]
     out_dir = reports
     write_tables(out_dir, rows, per_class, f"locbe reproduce: {cfg.preset}", notes)
     _panels(checkpoint, cfg, out_dir)
@@ -255,7 +262,7 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: b
              f"Evaluated: seg on `{seg_split}` ({ms['num_images']} images), CAM on `{cam_split}` "
              f"({cam['num_images']} images); protocol `{ms['protocol']}` (locbe/eval/protocol.py); "
              f"device {ms.get('device')} x {ms.get('world_size', 1)} process(es); "
-             f"autocast {ms.get('autocast', 'off')}; fidelity={cfg.fidelity} (docs/fidelity.md)."]
+             f"autocast {ms.get('autocast', 'off')}; fidelity={cfg.fidelity} (docs/fidelity.md).", PANELS_NOTE]
     if _EVAL_CAPS.get("rehearsal"):
         notes.append(f"Rehearsal: {_EVAL_CAPS['rehearsal']}; checks the code path, not the numbers.")
     write_tables(reports, rows, per_class, f"locbe reproduce: {cfg.preset}", notes)

@@ -1,5 +1,5 @@
 """Evaluation: confusion-matrix metrics, multi-label F1, dense CRF, multi-scale x flip logits,
-trivial baselines and the result tables / panels (method.md "Evaluation protocol")."""
+trivial baselines and the result tables (method.md "Evaluation protocol")."""
 
 from __future__ import annotations
 
@@ -422,21 +422,3 @@ def test_reported_numbers_have_sources():
     assert report.lookup_reported("ToCo", "coco", "seg_miou", "single scale", split="val") is None
     assert report.lookup_reported("LOC-BE", "voc", "seg_miou", "MS+CRF", split="val") == 73.1
     assert report.lookup_reported("LOC-BE", "voc", "cam_miou", split="train") == 74.2
-
-
-def test_write_panel_width(tmp_path):
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
-    labels = rng.integers(0, 21, size=(40, 60))
-    from locbe.data import voc_palette
-
-    cols = report.panel_columns(image, rng.random((40, 60)), rng.integers(0, 3, size=(40, 60)), labels, labels,
-                                labels, voc_palette())
-    assert [t for t, _ in cols] == ["image", "CAM", "regions 0/1/2", "pseudo label", "prediction", "ground truth"]
-    report.write_panel(tmp_path / "p" / "panel.png", cols, height=80)
-    with Image.open(tmp_path / "p" / "panel.png") as im:
-        assert im.size == (6 * (60 * 80 // 40) + 4 * 6, 80 + 16)
-    square = [("a", image[:, :40]), ("b", image)]
-    report.write_panel(tmp_path / "two.png", square, height=20)
-    with Image.open(tmp_path / "two.png") as im:
-        assert im.size == (int(40 * 20 / 40) + int(60 * 20 / 40) + 8, 36)

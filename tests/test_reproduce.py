@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from locbe.cli import main as cli
 from locbe.config import apply_overrides, get_preset
@@ -47,7 +48,13 @@ def test_interrupted_reproduce_resumes_to_the_same_table(root, tmp_path):
     full = reproduce(root, tmp_path / "a", tmp_path / "ra")
     for name in ("results.md", "results.csv", "per_class.csv"):
         assert (tmp_path / "ra" / "smoke" / name).is_file()
-    assert len(list((tmp_path / "ra" / "smoke" / "panels").glob("*.png"))) >= 1
+    panels = sorted((tmp_path / "ra" / "smoke" / "panels").glob("*.png"))
+    assert [p.stem for p in panels] == [f"syn_val_{i:05d}" for i in range(4)]  # the first 4 val images
+    for path in panels:
+        with Image.open(path) as im:
+            assert im.width == 1305 and im.height >= 62 + 100 + 100  # locbe/panels.py layout
+    md = (tmp_path / "ra" / "smoke" / "results.md").read_text()
+    assert "titled with the image id and its image-level classes" in md and "0 background / 1 uncertain" in md
     assert set(full["status"].str.startswith("not run: dataset not found").dropna()) >= {True}
 
     # interrupt: train half the steps only, as if killed after the step-4 checkpoint
