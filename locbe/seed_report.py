@@ -101,7 +101,7 @@ def _per_seed_markdown(rows: list[Row], seeds: list[int]) -> str:
         if not r.runs or not r.per_seed:
             continue
         by_seed = {rec["seed"]: v for rec, v in r.runs}
-        cells = {f"seed {k}": ("failed" if by_seed.get(k, "x") is None else _fmt(by_seed.get(k)))
+        cells = {f"seed {k}": "failed" if k in by_seed and by_seed[k] is None else _fmt(by_seed.get(k))
                  for k in seeds}
         out.append({"method": r.method, "metric": r.metric, "split": r.split, **cells})
     return _markdown(pd.DataFrame(out), disable_numparse=True)

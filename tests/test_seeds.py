@@ -179,3 +179,29 @@ def test_compare_refuses_what_is_not_a_run(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert cli(["compare", str(a)]) == EXIT_BAD_INPUT
     assert "two runs or more" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ablation_runs_every_row_for_every_seed_against_the_full_method(root, tmp_path):
+    out, reports = tmp_path / "run", tmp_path / "reports"
+    short = ["--set", "max_steps=2", "--set", "warmup_steps=1", "--set", "ckpt_every=1"]  # after OVERRIDES: wins
+    assert reproduce(root, out, reports, "--seeds", "2", "--ablation", *short) == EXIT_ACCEPTANCE
+    for slug, use_loc, use_be in (("baseline", False, False), ("loc", True, False), ("be", False, True)):
+        for k in (0, 1):
+            cfg = json.loads((tmp_path / f"run-ablation-{slug}" / f"seed-{k}" / "config.json").read_text())
+            assert (cfg["seed"], cfg["use_loc"], cfg["use_be"]) == (k, use_loc, use_be)
+    assert not (tmp_path / "run-ablation-full").exists()  # the full method's row is the main run
+    rows = pd.read_csv(reports / "smoke" / "results.csv")
+    seg = rows[rows.metric == SEG]
+    full = seg[seg.method == "LOC-BE"].set_index("seed")["reproduced"]
+    assert seg[seg.method == "ablation: full (LOC-BE)"].set_index("seed")["reproduced"].equals(full)
+    table = pd.read_csv(reports / "smoke" / "ablation.csv")
+    overall = table[table["class"] == "all"].set_index("variant")
+    assert set(overall.index) == {"baseline (ToCo)", "+LOC", "+BE", "authors' defects fixed (full, fidelity=fixed)"}
+    assert set(overall.reference) == {"full (LOC-BE)"} and set(overall.metric) == {SEG}
+    for name, r in overall.iterrows():
+        variant = seg[seg.method == f"ablation: {name}"]["reproduced"]
+        assert (r.reference_n, r.variant_n) == (2, 2)
+        assert r.difference == pytest.approx(variant.mean() - full.mean(), abs=0.02)  # the CSV rounds to 0.01
+    assert "ablation.md" in (reports / "smoke" / "results.md").read_text()
+    assert "# locbe reproduce: ablation" in (reports / "smoke" / "ablation.md").read_text()
