@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("locbe.training.cli", "train LOC-BE / ToCo (single process or under torchrun)"),
     "eval": ("locbe.eval.cli", "evaluate a checkpoint: seg / CAM mIoU, multi-scale, dense CRF"),
     "reproduce": ("locbe.reproduce", "train -> eval -> report for a preset (smoke, voc, coco)"),
+    "compare": ("locbe.compare", "compare runs or reports over seeds: differences of means, Welch's t-test"),
     "bench": ("locbe.bench", "run the benchmark suites and print a comparison table"),
     "device-check": ("locbe.device_check", "check a GPU: build, tests, benchmarks, smoke run -> reports/device"),
 }

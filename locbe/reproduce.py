@@ -1,11 +1,15 @@
-"""`locbe reproduce --preset {smoke,voc,coco}`: data -> train -> eval -> report, resumable.
+"""`locbe reproduce --preset {smoke,voc,coco} [--seeds N|LIST]`: data -> train -> eval -> report, resumable.
 
 Each stage leaves an artefact and is skipped when it is already there: the synthetic dataset
 (smoke), ``checkpoints/final.pth`` (training resumes from ``last.pth`` after an interruption), the
 metrics JSON of each evaluation (tagged with the checkpoint's step), and finally the tables in
 ``<out>/report/`` (or ``--reports DIR``/<preset>/). Re-running a finished reproduction rewrites the
 same tables. A run directory made with another config is not reused (``--force-new`` moves it aside).
-Exit codes (README): 0 when every stage ran and the preset's acceptance line held, 3 when it did not.
+Without ``--seeds`` one run in ``<out>``; with it, seed k in ``<out>/seed-<k>`` (``locbe.seeds``), one after
+the other, and the tables give mean, spread and intervals over the seeds (``locbe.seed_report``). A seed that
+fails is reported as failed; the others go on and are tabulated.
+Exit codes (README): 0 when every stage ran and the preset's acceptance line held (on the mean over the
+seeds), 3 when it did not; with a failed seed, that seed's exit code (after the others' tables are written).
 """
 
 from __future__ import annotations
@@ -135,83 +139,192 @@ def acceptance_ratio(seg_miou: float, baselines: dict) -> float:
     return seg_miou / max(best, 1e-9)
 
 
-def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: bool,
-                    force_new: bool = False) -> tuple[Path, float]:
-    """Returns the tables' folder and the acceptance ratio (``acceptance_ratio``)."""
-    import pandas as pd
+def _smoke_stages(cfg: TrainConfig, progress: bool, force_new: bool) -> Path:
+    checkpoint = _stage_train(cfg, progress, force_new)
+    _stage_eval(checkpoint, cfg, cfg.val_split, "val_single", progress)
+    _stage_eval(checkpoint, cfg, cfg.val_split, "val_ms_crf", progress, multi_scale=True, crf=True)
+    _stage_eval(checkpoint, cfg, cfg.train_split, "train_cam", progress, cam=True,
+                max_images=min(80, _EVAL_CAPS.get("max_images") or 80))
+    return checkpoint
 
+
+def _ablation_stages(cfg: TrainConfig, progress: bool, force_new: bool) -> Path:
+    checkpoint = _stage_train(cfg, progress, force_new)
+    _stage_eval(checkpoint, cfg, cfg.val_split, "val_single", progress)
+    return checkpoint
+
+
+def _real_stages(cfg: TrainConfig, progress: bool, force_new: bool) -> Path:
+    seg_split = final_eval_split(cfg)
+    checkpoint = _stage_train(cfg, progress, force_new)
+    _stage_eval(checkpoint, cfg, seg_split, "val_ms_crf", progress, multi_scale=True, crf=True)
+    _stage_eval(checkpoint, cfg, seg_split, "val_single", progress)
+    _stage_eval(checkpoint, cfg, cfg.train_split, "train_cam", progress, cam=True)
+    return checkpoint
+
+
+def seed_configs(cfg: TrainConfig, seeds: list[int] | None) -> list[TrainConfig]:
+    """One config per seed: ``cfg`` itself in its ``out_dir`` without ``--seeds`` (one run, as before),
+    else seed k in ``<out>/seed-<k>``."""
+    from locbe.seeds import seed_dir
+
+    if seeds is None:
+        return [cfg]
+    return [dataclasses.replace(cfg, seed=k, out_dir=str(seed_dir(cfg.out_dir, k))) for k in seeds]
+
+
+def _run_seed(stages, cfg: TrainConfig, progress: bool, force_new: bool, isolate: bool,
+              label: str) -> tuple[dict, Path | None]:
+    """Run one seed's stages; returns its record (``locbe.seeds``) and checkpoint. With ``isolate`` (``--seeds``)
+    an error fails this seed only (recorded with its exit code, one line on stderr; the traceback too when it is
+    a bug); a stop by signal or Ctrl-C still stops everything."""
+    import sys
+    import traceback
+
+    from locbe.errors import EXIT_FAILURE, Interrupted, LocbeError, one_line
+    from locbe.seeds import failed_record, run_record
+
+    print(f"[{label}] {cfg.out_dir}")
+    if not isolate:
+        checkpoint = stages(cfg, progress, force_new)
+        return run_record(cfg.out_dir, cfg.seed), checkpoint
+    try:
+        checkpoint = stages(cfg, progress, force_new)
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if not isinstance(e, LocbeError | FileNotFoundError | PermissionError):
+            traceback.print_exc()
+        code = getattr(e, "exit_code", EXIT_FAILURE)
+        print(f"[{label}] FAILED (exit {code}): {one_line(e)}; the other seeds go on", file=sys.stderr)
+        return failed_record(cfg.out_dir, cfg.seed, one_line(e), code), None
+    return run_record(cfg.out_dir, cfg.seed), checkpoint
+
+
+def _run_seeds(stages, cfgs: list[TrainConfig], progress: bool, force_new: bool, isolate: bool,
+               name: str = "seed") -> tuple[list[dict], Path | None]:
+    """Every seed's record (in order) and the first finished seed's checkpoint (for the panels)."""
+    records, first = [], None
+    for i, c in enumerate(cfgs):
+        rec, ck = _run_seed(stages, c, progress, force_new, isolate, f"{name} {c.seed} ({i + 1}/{len(cfgs)})")
+        records.append(rec)
+        first = first or ck
+    return records, first
+
+
+def _evaluated_note(rec: dict, seg_metric: str, cam_metric: str) -> str:
+    seg, cam = rec["metrics"][seg_metric], rec["metrics"][cam_metric]
+    ms = rec["metrics"].get("seg mIoU (MS+CRF)", seg)
+    return (f"Evaluated: seg on `{seg['split']}` ({seg['num_images']} images), CAM on `{cam['split']}` "
+            f"({cam['num_images']} images); protocol `{ms['protocol']}`; device {ms.get('device')} x "
+            f"{ms.get('world_size', 1)} process(es); autocast {ms.get('autocast', 'off')}")
+
+
+def _raise_failed(records: list[dict], tables: Path) -> None:
+    """Some seeds failed: a one-line error with the first failed seed's exit code (the others' tables are written
+    before, when there are others)."""
+    from locbe.errors import LocbeError
+
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        err = LocbeError(f"{len(failed)} of {len(records)} seed(s) failed ("
+                         + "; ".join(f"seed {r['seed']}: {r['error']}" for r in failed)
+                         + f"); tables of the others in {tables}; the same command retries the failed ones")
+        err.exit_code = failed[0]["exit_code"]
+        raise err
+
+
+def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: bool,
+                    force_new: bool = False, seeds: list[int] | None = None) -> tuple[Path, float, list[dict]]:
+    """Returns the tables' folder, the acceptance ratio (``acceptance_ratio``; of the mean over the seeds) and
+    the seeds' records."""
     from locbe.data import VOC_CLASSES, build_dataset
     from locbe.data.synthetic import make_synthetic
     from locbe.eval.evaluate import trivial_baselines
-    from locbe.report import lookup_reported, make_row, write_tables
+    from locbe.report import lookup_reported
+    from locbe.seed_report import Row, metric_row, write_seed_report
+    from locbe.seeds import seed_dir
 
     root = Path(cfg.data_root)
     if not (root / "synthetic.json").exists():  # an existing synthetic set (any size/seed) is used as is
         print(f"[data] generating the synthetic dataset in {root}")
         make_synthetic(root)
-    checkpoint = _stage_train(cfg, progress, force_new)
-    seg = _stage_eval(checkpoint, cfg, cfg.val_split, "val_single", progress)
-    seg_ms = _stage_eval(checkpoint, cfg, cfg.val_split, "val_ms_crf", progress, multi_scale=True, crf=True)
-    cam = _stage_eval(checkpoint, cfg, cfg.train_split, "train_cam", progress, cam=True,
-                      max_images=min(80, _EVAL_CAPS.get("max_images") or 80))
+    isolate = seeds is not None
+    cfgs = seed_configs(cfg, seeds)
+    records, checkpoint = _run_seeds(_smoke_stages, cfgs, progress, force_new, isolate)
     ablations = []
     if ablation:  # every rank trains and evaluates these (torchrun); rank 0 writes the table
         for name, switches in ABLATIONS.items():
             slug = name.split()[0].strip("+'").lower()
-            acfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).parent / f"{Path(cfg.out_dir).name}-"
-                                                       f"ablation-{slug}"), **switches)
-            ck = _stage_train(acfg, progress, force_new)
-            ablations.append((name, acfg, _stage_eval(ck, acfg, acfg.val_split, "val_single", progress)))
+            variant = str(Path(cfg.out_dir).parent / f"{Path(cfg.out_dir).name}-ablation-{slug}")
+            if not isolate:  # one seed: every row trained in <out>-ablation-<slug> (as before --seeds existed)
+                acfgs = [dataclasses.replace(cfg, out_dir=variant, **switches)]
+            elif not switches:  # the full method is the main run: its seeds are not trained twice
+                ablations.append((name, records))
+                continue
+            else:
+                acfgs = [dataclasses.replace(c, out_dir=str(seed_dir(variant, c.seed)), **switches) for c in cfgs]
+            ablations.append((name, _run_seeds(_ablation_stages, acfgs, progress, force_new, isolate,
+                                               f"ablation {slug}, seed")[0]))
     if not _is_main():
-        return reports, float("inf")  # rank 0 judges the acceptance line
-    env = _env(Path(cfg.out_dir))
+        return reports, float("inf"), records  # rank 0 judges the acceptance line
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        _raise_failed(records, reports)
+    env = ok[0]["env"]
     val = build_dataset(cfg.dataset, cfg.data_root, cfg.val_split, train=False, num_classes=cfg.num_classes)
     base = trivial_baselines(val, cfg.num_classes)
     method = "LOC-BE" if cfg.use_loc and cfg.use_be else "ToCo-style"
     bb, ds = cfg.backbone, "synthetic"
-    vs, ts = seg["split"], cam["split"]  # the splits actually evaluated
-    rows = [
-        make_row(method, bb, ds, vs, "seg mIoU (single scale)", seg["seg"]["miou"], env, status=NOT_COMPARABLE),
-        make_row(method, bb, ds, vs, "seg mIoU (MS+CRF)", seg_ms["seg_crf"]["miou"], env, status=NOT_COMPARABLE),
-        make_row(method, bb, ds, ts, "CAM mIoU", cam["cam"]["miou"], env, status=NOT_COMPARABLE),
-        make_row(method, bb, ds, ts, "pseudo-label mIoU (PAR)", cam["pseudo_label_par"]["miou"], env,
-                 status=NOT_COMPARABLE),
-        make_row("trivial: all background", "-", ds, vs, "seg mIoU", base["all_background"]["miou"], env,
-                 status="baseline"),
-        make_row("trivial: image label everywhere", "-", ds, vs, "seg mIoU",
-                 base["image_label_everywhere"]["miou"], env, status="baseline"),
-    ]
+    split = {m: ok[0]["metrics"][m]["split"] for m in ok[0]["metrics"]}  # the splits actually evaluated
+    rows = [metric_row(method, bb, ds, split[m], m, records, status=NOT_COMPARABLE)
+            for m in ("seg mIoU (single scale)", "seg mIoU (MS+CRF)", "CAM mIoU", "pseudo-label mIoU (PAR)")]
+    vs = split["seg mIoU (single scale)"]
+    for label, key in (("trivial: all background", "all_background"),
+                       ("trivial: image label everywhere", "image_label_everywhere")):
+        rows.append(Row(label, "-", ds, vs, "seg mIoU", [(ok[0], 100 * base[key]["miou"])], status="baseline",
+                        per_seed=False, verdict="same for every seed (no training)"))
     for ds_name in ("voc", "coco"):
-        for split, metric, key in (("val", "seg mIoU", "seg_miou"), ("train", "CAM mIoU", "cam_miou")):
-            rows.append(make_row("LOC-BE", "ViT-B/16", ds_name, split, metric, None, {},
-                                 reported=lookup_reported("LOC-BE", ds_name, key, split=split),
-                                 status=f"not run: dataset not found (locbe reproduce --preset {ds_name} "
-                                        "--data-root DIR)"))
-    for name, acfg, res in ablations:
-        rows.append(make_row(f"ablation: {name}", bb, ds, acfg.val_split, "seg mIoU (single scale)",
-                             res["seg"]["miou"], _env(Path(acfg.out_dir)), status=NOT_COMPARABLE))
-    ratio = acceptance_ratio(seg["seg"]["miou"], base)
+        for sp, metric, key in (("val", "seg mIoU", "seg_miou"), ("train", "CAM mIoU", "cam_miou")):
+            rows.append(Row("LOC-BE", "ViT-B/16", ds_name, sp, metric,
+                            reported=lookup_reported("LOC-BE", ds_name, key, split=sp),
+                            status=f"not run: dataset not found (locbe reproduce --preset {ds_name} "
+                                   "--data-root DIR)"))
+    for name, recs in ablations:
+        rows.append(metric_row(f"ablation: {name}", bb, ds, vs, "seg mIoU (single scale)", recs,
+                               status=NOT_COMPARABLE, plot=False))
+    seg_values = [r["metrics"]["seg mIoU (single scale)"]["value"] / 100 for r in ok]
+    ratio = acceptance_ratio(sum(seg_values) / len(seg_values), base)
     line = ACCEPTANCE.get(cfg.preset)
+    judged = f"acceptance: >= {line}" + ("" if len(ok) == 1 else " on the mean")
     verdict = "no acceptance line for this preset" if line is None else (
-        f"acceptance: >= {line}: {'passed' if ratio >= line else 'FAILED'}")
-    per_class = pd.DataFrame({"class": VOC_CLASSES,
-                              "seg (single)": [100 * v for v in seg["seg"]["iou"]],
-                              "seg (MS+CRF)": [100 * v for v in seg_ms["seg_crf"]["iou"]],
-                              "CAM (train)": [100 * v for v in cam["cam"]["iou"]]})
+        f"{judged}: {'passed' if ratio >= line else 'FAILED'}")
+    per_seed = "" if len(ok) == 1 else (
+        f", the mean over {len(ok)} seeds (per seed: "
+        + ", ".join(f"{r['seed']}: {acceptance_ratio(v, base):.2f}" for r, v in zip(ok, seg_values)) + ")")
+    where = (f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}" if not isolate
+             else f"Run directories: {cfg.out_dir}/seed-<k> (config hashes in Environment)")
     notes = ["Synthetic VOC-layout data made by `locbe make-synthetic`; a health check of the pipeline, "
              "not a reproduction of the paper.",
-             f"seg mIoU (single scale) / best trivial baseline = {ratio:.2f} ({verdict}).",
-             f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}; "
-             f"fidelity={cfg.fidelity} (docs/fidelity.md).",
-             f"Evaluated: seg on `{vs}` ({seg['num_images']} images), CAM on `{ts}` ({cam['num_images']} images); "
-             f"protocol `{seg_ms.get('protocol', 'smoke')}`; device {seg_ms.get('device')} x "
-             f"{seg_ms.get('world_size', 1)} process(es); autocast {seg_ms.get('autocast', 'off')}.",
-             PANELS_NOTE]
+             f"seg mIoU (single scale) / best trivial baseline = {ratio:.2f}{per_seed} ({verdict}).",
+             f"{where}; fidelity={cfg.fidelity} (docs/fidelity.md).",
+             _evaluated_note(ok[0], "seg mIoU (single scale)", "CAM mIoU") + ".",
+             PANELS_NOTE + ("" if len(ok) == 1 else f" Panels of seed {ok[0]['seed']}.")]
     out_dir = reports
-    write_tables(out_dir, rows, per_class, f"locbe reproduce: {cfg.preset}", notes)
+    if ablation and isolate:
+        from locbe.compare import write_comparison
+
+        full = next((name, recs) for name, recs in ablations if not ABLATIONS[name])
+        variants = [(name, recs) for name, recs in ablations if ABLATIONS[name]]
+        write_comparison(out_dir, "ablation", "locbe reproduce: ablation, each row against the full method",
+                         full, variants, metrics=["seg mIoU (single scale)"])
+        notes.append("Ablation, each row against the full method (difference of means, Welch's t-test): "
+                     "`ablation.md`.")
+    write_seed_report(out_dir, f"locbe reproduce: {cfg.preset}", rows, records, notes, VOC_CLASSES,
+                      ["seg (single)", "seg (MS+CRF)", "CAM (train)"])
     _panels(checkpoint, cfg, out_dir)
     print((out_dir / "results.md").read_text())
-    return out_dir, ratio
+    return out_dir, ratio, records
 
 
 def final_eval_split(cfg: TrainConfig) -> str:
@@ -222,13 +335,12 @@ def final_eval_split(cfg: TrainConfig) -> str:
     return _EVAL_CAPS.get("split") or DEFAULT_EVAL_SPLIT.get(cfg.dataset, cfg.val_split)
 
 
-def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: bool = False) -> Path:
+def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: bool = False,
+                   seeds: list[int] | None = None) -> tuple[Path, list[dict]]:
     from locbe.data import COCO_CLASSES, VOC_CLASSES
-    from locbe.report import make_row, write_tables
+    from locbe.seed_report import metric_row, write_seed_report
 
     ds_name = cfg.dataset
-    rows = []
-    env = {}
     root = Path(cfg.data_root) if cfg.data_root else None
     method = "LOC-BE" if cfg.use_loc and cfg.use_be else "ToCo"
     seg_split, cam_split = final_eval_split(cfg), cfg.train_split
@@ -238,37 +350,29 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: b
     if root is None or not root.is_dir():  # before anything is written: existing results stay as they are
         raise MissingPathError(f"--data-root {'is required' if root is None else f'{root} does not exist'} for "
                                f"--preset {cfg.preset} ({ds_name} in VOC layout); nothing was run or written")
-    checkpoint = _stage_train(cfg, progress, force_new)
-    ms = _stage_eval(checkpoint, cfg, seg_split, "val_ms_crf", progress, multi_scale=True, crf=True)
-    single = _stage_eval(checkpoint, cfg, seg_split, "val_single", progress)
-    cam = _stage_eval(checkpoint, cfg, cam_split, "train_cam", progress, cam=True)
+    cfgs = seed_configs(cfg, seeds)
+    records, checkpoint = _run_seeds(_real_stages, cfgs, progress, force_new, isolate=seeds is not None)
     if not _is_main():
-        return reports
-    env = _env(Path(cfg.out_dir))
-    values = {"seg mIoU (MS+CRF)": ms["seg_crf"]["miou"], "seg mIoU (single scale)": single["seg"]["miou"],
-              "CAM mIoU": cam["cam"]["miou"]}
+        return reports, records
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        _raise_failed(records, reports)
     status = "ok" if cfg.pretrained else "pretrained weights not given: encoder from scratch, not comparable"
     if _EVAL_CAPS.get("rehearsal"):
         status = f"rehearsal ({_EVAL_CAPS['rehearsal']}): not comparable"
-    for split, metric, key, proto in metrics:
-        rows.append(make_row(method, cfg.backbone, ds_name, split, metric, values[metric], env,
-                             reported=_reported(method, ds_name, key, proto, split),
-                             status=status))
-    import pandas as pd
-
+    rows = [metric_row(method, cfg.backbone, ds_name, split, metric, records,
+                       reported=_reported(method, ds_name, key, proto, split), status=status)
+            for split, metric, key, proto in metrics]
     names = VOC_CLASSES if cfg.num_classes == 21 else COCO_CLASSES
-    per_class = pd.DataFrame({"class": names, "seg (MS+CRF)": [100 * v for v in ms["seg_crf"]["iou"]]})
     notes = ["LOC-BE's README does not name the split of its figures; they are compared as stated.",
-             f"Evaluated: seg on `{seg_split}` ({ms['num_images']} images), CAM on `{cam_split}` "
-             f"({cam['num_images']} images); protocol `{ms['protocol']}` (locbe/eval/protocol.py); "
-             f"device {ms.get('device')} x {ms.get('world_size', 1)} process(es); "
-             f"autocast {ms.get('autocast', 'off')}; fidelity={cfg.fidelity} (docs/fidelity.md).", PANELS_NOTE]
+             _evaluated_note(ok[0], "seg mIoU (MS+CRF)", "CAM mIoU") + " (locbe/eval/protocol.py); "
+             f"fidelity={cfg.fidelity} (docs/fidelity.md).", PANELS_NOTE]
     if _EVAL_CAPS.get("rehearsal"):
         notes.append(f"Rehearsal: {_EVAL_CAPS['rehearsal']}; checks the code path, not the numbers.")
-    write_tables(reports, rows, per_class, f"locbe reproduce: {cfg.preset}", notes)
+    write_seed_report(reports, f"locbe reproduce: {cfg.preset}", rows, records, notes, names, ["seg (MS+CRF)"])
     _panels(checkpoint, cfg, reports, n=min(4, _EVAL_CAPS.get("max_images") or 4))
     print((reports / "results.md").read_text())
-    return reports
+    return reports, records
 
 
 def _reported(method: str, dataset: str, key: str, protocol, split: str):
@@ -293,7 +397,13 @@ def add_arguments(p, argv=()) -> None:
     p.add_argument("--pretrained", default=cfg.pretrained, help=f"local ImageNet ViT weights (voc/coco) {d}")
     p.add_argument("--out", default=cfg.out_dir, help=f"run directory {d}")
     p.add_argument("--reports", help="write the tables to REPORTS/<preset>/ instead of <out>/report/")
-    p.add_argument("--ablation", action="store_true", help="smoke: also train baseline / +LOC / +BE / full")
+    p.add_argument("--seeds", metavar="N|LIST",
+                   help="train and evaluate several seeds, each in <out>/seed-<k>, and tabulate mean, spread and "
+                        "intervals: a count (3: seeds 0,1,2) or a list (0,4,7; 5, for seed 5 alone); without it "
+                        "one run in <out> with the config's seed (--set seed=K)")
+    p.add_argument("--ablation", action="store_true",
+                   help="smoke: also train baseline / +LOC / +BE / full; with --seeds every row for every seed, "
+                        "compared with the full method in ablation.md")
     p.add_argument("--force-new", action="store_true",
                    help="<out> holds a run made with another config: move it aside to <out>.old-<UTC time> "
                         "and start over")
@@ -328,14 +438,20 @@ def run(args) -> int:
     if args.max_steps is not None or args.max_images is not None:
         _EVAL_CAPS["rehearsal"] = (f"{cfg.max_steps} steps, at most {args.max_images or 'all'} images per "
                                    f"evaluation, backbone {cfg.backbone}")
+    from locbe.seeds import parse_seeds
+
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
     progress = not args.no_progress
     reports = Path(args.reports) / cfg.preset if args.reports else Path(cfg.out_dir) / "report"
     if cfg.dataset != "synthetic":
-        reproduce_real(cfg, reports, progress, args.force_new)
+        tables, records = reproduce_real(cfg, reports, progress, args.force_new, seeds)
+        _raise_failed(records, tables)
         return 0
-    tables, ratio = reproduce_smoke(cfg, reports, args.ablation, progress, args.force_new)
+    tables, ratio, records = reproduce_smoke(cfg, reports, args.ablation, progress, args.force_new, seeds)
+    _raise_failed(records, tables)
     line = ACCEPTANCE.get(cfg.preset)
     if line is not None and ratio < line:
-        raise AcceptanceError(f"acceptance failed: seg mIoU / best trivial baseline = {ratio:.2f} < {line} "
+        what = "" if seeds is None or len(records) == 1 else f" (mean over {len(records)} seeds)"
+        raise AcceptanceError(f"acceptance failed: seg mIoU / best trivial baseline = {ratio:.2f}{what} < {line} "
                               f"(tables in {tables})")
     return 0

@@ -1,0 +1,240 @@
+"""The reproduction's tables over seeds: per seed, mean, spread, intervals and the verdict against the
+published number (``locbe.stats``), per-class IoU mean +- std, and ``seeds.png``.
+
+Files in the report folder:
+
+- ``results.md``: the tables; ``results.csv``: one row per seed and metric (the columns of
+  ``locbe.report.ROW_COLUMNS``), so any statistic can be redone with pandas;
+- ``summary.csv``: one row per metric with the statistics shown in ``results.md``;
+- ``per_class.csv``: one row per class and seed; ``seeds.json``: every seed's record (``locbe.seeds``), which
+  ``locbe compare`` reads; ``seeds.png``: the picture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from locbe import stats
+from locbe.fileio import atomic_path, atomic_write_text
+from locbe.report import ROW_COLUMNS, _markdown, make_row
+
+SUMMARY_COLUMNS = ["method", "backbone", "dataset", "split", "metric", "reported", "n", "seeds", "mean", "std",
+                   "min", "max", "ci95_low", "ci95_high", "pi95_low", "pi95_high", "delta", "verdict", "status"]
+
+
+@dataclass
+class Row:
+    """One metric of one method; ``runs`` holds (seed record, value in %) per seed, value None for a failed seed.
+    A row without runs is a published number that was not run; ``plot`` puts it in ``seeds.png``."""
+
+    method: str
+    backbone: str
+    dataset: str
+    split: str
+    metric: str
+    runs: list[tuple[dict, float | None]] = field(default_factory=list)
+    reported: float | None = None
+    status: str = "ok"
+    plot: bool = False
+    per_seed: bool = True  # False: the same for every seed (a trivial baseline); one value, no interval
+    verdict: str | None = None  # replaces the computed verdict (per_seed False)
+
+    def values(self) -> list[float]:
+        return [v for _, v in self.runs if v is not None]
+
+    def summary(self) -> stats.Summary:
+        return stats.summarize(self.values())
+
+
+def metric_row(method, backbone, dataset, split, metric, records, reported=None, status="ok", plot=True) -> Row:
+    """A row of ``metric`` over seed records (a failed seed, or one without that metric, counts as failed)."""
+    runs = [(r, r["metrics"][metric]["value"] if r["status"] == "ok" and metric in r["metrics"] else None)
+            for r in records]
+    return Row(method, backbone, dataset, split, metric, runs, reported, status, plot)
+
+
+def _fmt(x, digits=2) -> str | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _interval(lo, hi) -> str | None:
+    return None if math.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]"
+
+
+def summary_frame(rows: list[Row]) -> pd.DataFrame:
+    out = []
+    for r in rows:
+        s = r.summary()
+        seeds = [rec["seed"] for rec, v in r.runs if v is not None]
+        mean = None if s.n == 0 else s.mean
+        delta = None if r.reported is None or mean is None else mean - r.reported
+        verdict = r.verdict or (None if s.n == 0 else stats.reported_verdict(r.reported, s))
+        out.append({"method": r.method, "backbone": r.backbone, "dataset": r.dataset, "split": r.split,
+                    "metric": r.metric, "reported": r.reported, "n": s.n, "seeds": " ".join(map(str, seeds)),
+                    "mean": mean, "std": s.std, "min": s.min if s.n else None, "max": s.max if s.n else None,
+                    "ci95_low": s.ci_low, "ci95_high": s.ci_high, "pi95_low": s.pi_low, "pi95_high": s.pi_high,
+                    "delta": delta, "verdict": verdict, "status": r.status})
+    return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+def _summary_markdown(summary: pd.DataFrame) -> str:
+    shown = pd.DataFrame({
+        "method": summary.method, "backbone": summary.backbone, "dataset": summary.dataset, "split": summary.split,
+        "metric": summary.metric, "reported": summary.reported.map(_fmt), "n": summary.n,
+        "mean": summary["mean"].map(_fmt), "std": summary["std"].map(_fmt),
+        "min - max": [None if n < 2 else f"{a:.2f} - {b:.2f}" for n, a, b in zip(summary.n, summary["min"],
+                                                                                    summary["max"])],
+        "95 % CI of the mean": [_interval(a, b) for a, b in zip(summary.ci95_low, summary.ci95_high)],
+        "95 % PI of one run": [_interval(a, b) for a, b in zip(summary.pi95_low, summary.pi95_high)],
+        "delta": summary.delta.map(_fmt), "verdict": summary.verdict, "status": summary.status})
+    return _markdown(shown, disable_numparse=True)
+
+
+def _per_seed_markdown(rows: list[Row], seeds: list[int]) -> str:
+    out = []
+    for r in rows:
+        if not r.runs or not r.per_seed:
+            continue
+        by_seed = {rec["seed"]: v for rec, v in r.runs}
+        cells = {f"seed {k}": "failed" if k in by_seed and by_seed[k] is None else _fmt(by_seed.get(k))
+                 for k in seeds}
+        out.append({"method": r.method, "metric": r.metric, "split": r.split, **cells})
+    return _markdown(pd.DataFrame(out), disable_numparse=True)
+
+
+def results_frame(rows: list[Row]) -> pd.DataFrame:
+    """One row per seed and metric (``ROW_COLUMNS``); a failed seed's row has no value and says so."""
+    out = []
+    for r in rows:
+        if not r.runs:
+            out.append(make_row(r.method, r.backbone, r.dataset, r.split, r.metric, None, {}, reported=r.reported,
+                                status=r.status))
+        for rec, v in r.runs:
+            status = r.status if v is not None else f"failed: {rec.get('error') or 'metric missing'}"
+            env = {**rec.get("env", {}), "seed": rec["seed"]}
+            out.append(make_row(r.method, r.backbone, r.dataset, r.split, r.metric,
+                                None if v is None else v / 100, env, reported=r.reported, status=status))
+    df = pd.DataFrame(out, columns=ROW_COLUMNS)
+    df["seed"] = df["seed"].astype("Int64")
+    return df
+
+
+def per_class_frames(records: list[dict], class_names: list[str], columns: list[str]) -> tuple[pd.DataFrame,
+                                                                                              pd.DataFrame]:
+    """(one row per class and seed, the Markdown cells "mean +- std" per class)."""
+    ok = [r for r in records if r["status"] == "ok"]
+    long = [{"class": c, "seed": r["seed"], **{col: r["per_class"][col][i] for col in columns
+                                                if col in r["per_class"]}}
+            for r in ok for i, c in enumerate(class_names)]
+    long_df = pd.DataFrame(long, columns=["class", "seed", *columns])
+    cells = []
+    for i, c in enumerate(class_names):
+        row = {"class": c}
+        for col in columns:
+            s = stats.summarize([r["per_class"][col][i] for r in ok if col in r["per_class"]])
+            row[col] = None if s.n == 0 else (f"{s.mean:.1f}" if s.n < 2 else f"{s.mean:.1f} ± {s.std:.1f}")
+        cells.append(row)
+    return long_df, pd.DataFrame(cells)
+
+
+def environment_frame(records: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{"seed": r["seed"], "run dir": r["run_dir"],
+                          "status": "ok" if r["status"] == "ok" else f"failed (exit {r['exit_code']})",
+                          **{k: r.get("env", {}).get(k) for k in ("commit", "config_hash", "device", "torch",
+                                                                    "timm")}}
+                         for r in records])
+
+
+HOW_TO_READ = [
+    "n: seeds that finished; mean and std (sample standard deviation, n-1) over them; min - max their range.",
+    "95 % CI of the mean: where the method's mean lies (Student t, n-1 degrees of freedom); it narrows with more "
+    "seeds.",
+    "95 % PI of one run: mean ± t·std·√(1 + 1/n), where one more run would land. A published number (usually "
+    "one run) outside it is not what this implementation produces from run to run: the verdict says "
+    "'reported above every plausible run' or 'below'; inside it, the gap is within seed noise.",
+    "With one seed no interval can be given: `--seeds 3` (or more) gives them.",
+]
+
+
+def write_seed_report(out_dir: Path, title: str, rows: list[Row], records: list[dict], notes: list[str],
+                      class_names: list[str] | None = None, per_class_columns: list[str] = ()) -> None:
+    """Write results.md / results.csv / summary.csv / per_class.csv / seeds.json / seeds.png into ``out_dir``."""
+    out_dir = Path(out_dir)
+    seeds = [r["seed"] for r in records]
+    summary = summary_frame(rows)
+    atomic_write_text(out_dir / "results.csv", results_frame(rows).to_csv(index=False))
+    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out_dir / "seeds.json", json.dumps({"title": title, "records": records}, indent=2))
+    failed = [r for r in records if r["status"] != "ok"]
+    md = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))} ({len(records) - len(failed)} finished"
+          + (f", {len(failed)} failed" if failed else "") + ").", "", _summary_markdown(summary), ""]
+    if any(r.runs and r.per_seed for r in rows):
+        md += ["## Per seed", "", _per_seed_markdown(rows, seeds), ""]
+    if plot_seeds(out_dir / "seeds.png", [r for r in rows if r.plot and r.values()], title):
+        md += ["![seeds](seeds.png)", ""]
+    md += ["## How to read this", ""] + [f"- {n}" for n in HOW_TO_READ] + [""]
+    if failed:
+        notes = [*notes] + [f"Seed {r['seed']} failed (exit {r['exit_code']}) in {r['run_dir']}: {r['error']}; "
+                            "the statistics use the other seeds, and the same command retries it." for r in failed]
+    if notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    md += ["## Environment", "", _markdown(environment_frame(records), disable_numparse=True), ""]
+    if class_names is not None and per_class_columns:
+        long_df, cells = per_class_frames(records, class_names, list(per_class_columns))
+        atomic_write_text(out_dir / "per_class.csv", long_df.to_csv(index=False))
+        head = "## Per-class IoU (%)" + (", mean ± std over seeds" if len(records) - len(failed) > 1 else "")
+        md += [head, "", _markdown(cells, disable_numparse=True, colalign=["left"] + ["right"] * len(
+            per_class_columns)), ""]
+    atomic_write_text(out_dir / "results.md", "\n".join(md))
+
+
+def plot_seeds(path: Path, rows: list[Row], title: str) -> bool:
+    """Per metric: each seed's value as a point, the mean with its 95 % CI, the 95 % prediction interval of one
+    run as a band, and the published value as a line where there is one. False when there is nothing to plot."""
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows) + 0.6, 3.8), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        s = r.summary()
+        seeds = [rec["seed"] for rec, v in r.runs if v is not None]
+        xs = list(range(len(seeds)))
+        lo, hi = -0.6, len(seeds) + 0.6  # the seeds at 0..n-1, the mean and its CI at n
+        if s.n >= 2:
+            ax.axhspan(s.pi_low, s.pi_high, color="tab:blue", alpha=0.12, label="95 % PI of one run")
+        ax.hlines(s.mean, lo, hi, colors="tab:blue", linestyles=":", linewidth=1)
+        ax.errorbar([len(seeds)], [s.mean], yerr=None if s.n < 2 else [[s.mean - s.ci_low], [s.ci_high - s.mean]],
+                    fmt="s", color="tab:blue", capsize=5, elinewidth=2,
+                    label=f"mean{' and its 95 % CI' if s.n >= 2 else ''}")
+        ax.plot(xs, r.values(), "o", color="black", label="one seed's run")
+        if r.reported is not None:
+            ax.axhline(r.reported, color="tab:red", linestyle="--", label=f"published {r.reported:.1f}")
+        ax.set_xlim(lo, hi)
+        ax.set_xticks([*xs, len(seeds)], [*map(str, seeds), f"mean\n(n={s.n})"])
+        ax.set_xlabel("seed")
+        ax.set_ylabel(f"{r.metric.split(' (')[0]} (%)")
+        ax.set_title(f"{r.metric}\n{r.method}, {r.split}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            key = "published" if lab.startswith("published") else lab
+            handles.setdefault(key, (h, lab if key != "published" else "published value"))
+    fig.legend([h for h, _ in handles.values()], [lab for _, lab in handles.values()], loc="lower center",
+               ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return True
+
