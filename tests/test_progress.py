@@ -4,6 +4,7 @@ torch notice about a CUDA runtime on a run that builds nothing for CUDA (locbe/r
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -100,6 +101,9 @@ def test_smoke_run_logged_to_a_file_has_progress_lines_and_no_cuda_notice(synthe
     last = [line for line in text.splitlines() if line.startswith("train smoke: 100%")][-1]
     assert re.search(r"step/s, .*total=\d", last), last  # rate and losses
     assert CUDA_NOTICE not in text
+    if "GOMP_SPINCOUNT" not in os.environ:  # the run records the wait policy it ran under (locbe/openmp.py)
+        recorded = json.loads((tmp_path / "run" / "env.json").read_text())["omp_wait_policy"]
+        assert recorded == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     if cuda_home and torch.version.cuda and not torch.cuda.is_available():  # here the check can fail:
         plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
                                capture_output=True, text=True, timeout=300)
