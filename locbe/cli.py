@@ -17,6 +17,8 @@ import inspect
 import signal
 import sys
 
+from locbe.openmp import apply_shared_core_defaults
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("locbe.data.synthetic", "write the built-in synthetic dataset in VOC layout"),
@@ -54,6 +56,7 @@ def _add_arguments(module_name: str, parser: argparse.ArgumentParser, argv: list
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_shared_core_defaults()  # before any subcommand imports torch (locbe/openmp.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     return _run(build_parser(argv).parse_args(argv))
 

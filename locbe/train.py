@@ -60,8 +60,7 @@ class TrainResult:
 def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
           progress: bool = True, max_steps_this_run: int | None = None) -> TrainResult:
     """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks)."""
-    from tqdm import tqdm
-
+    from locbe.progress import progress_bar
     from locbe.step import step_generator, training_step
 
     cfg.validate()
@@ -82,8 +81,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     n_batches = batches_per_epoch(dataset, cfg, info)
     stop_at = cfg.max_steps if max_steps_this_run is None else min(cfg.max_steps, step + max_steps_this_run)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
-    bar = tqdm(total=stop_at, initial=step, desc=f"train {cfg.preset}", disable=not (progress and info.is_main),
-               dynamic_ncols=True)
+    bar = progress_bar(total=stop_at, initial=step, desc=f"train {cfg.preset}", unit="step",
+                       disable=not (progress and info.is_main))
     last_losses: dict[str, float] = {}
     t_start = time.perf_counter()
 

@@ -72,9 +72,8 @@ def make_cls_labels(root: str | Path, splits: list[str] | None = None, num_class
                     progress: bool = True) -> tuple[Path, dict[str, np.ndarray]]:
     """Derive the labels of every image in ``splits`` (default: all non-test lists) and write them to ``out``
     (default ``root/cls_labels_onehot.npy``). Returns (path, labels)."""
-    from tqdm import tqdm
-
     from locbe.data.voc import labels_from_mask, read_mask
+    from locbe.progress import progress_bar
 
     root = Path(root)
     if not root.is_dir():
@@ -93,7 +92,7 @@ def make_cls_labels(root: str | Path, splits: list[str] | None = None, num_class
                                 f"{masks / (missing[0] + '.png')}; extract the masks there (VOC: "
                                 "SegmentationClassAug from SBD) or pass --splits without lists that lack masks")
     labels: dict[str, np.ndarray] = {}
-    for name in tqdm(sorted(names), desc="cls labels", unit="mask", disable=not progress):
+    for name in progress_bar(sorted(names), desc="cls labels", unit="mask", disable=not progress):
         labels[name] = labels_from_mask(read_mask(masks / f"{name}.png", num_classes), num_classes)
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.save(f, labels, allow_pickle=True)

@@ -194,10 +194,10 @@ class VOCSegmentation(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ whole-split check
     def verify(self, progress: bool = False) -> list[str]:
         """Read every item once; returns the names whose label-file entry disagrees with the mask."""
-        from tqdm import tqdm
+        from locbe.progress import progress_bar
 
         disagree = []
-        for i in tqdm(range(len(self)), desc=f"verify {self.split}", disable=not progress):
+        for i in progress_bar(range(len(self)), desc=f"verify {self.split}", unit="img", disable=not progress):
             name, _, mask = self.load(i)
             if mask is not None and self.file_labels is not None and name in self.file_labels:
                 if not np.array_equal(np.asarray(self.file_labels[name], np.float32),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from locbe.progress import progress_bar
+
 
 @dataclass(frozen=True)
 class CRFParams:
@@ -50,10 +52,8 @@ def crf_labels_parallel(jobs, workers: int, params: CRFParams = CRFParams(), pro
     """Yield CRF label maps for (image, probs) pairs, ``workers`` processes, in input order."""
     from multiprocessing import get_context
 
-    from tqdm import tqdm
-
     jobs = [(im, p, params) for im, p in jobs]
-    bar = tqdm(total=len(jobs), desc="dense CRF", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="dense CRF", unit="img", disable=not progress)
     if workers <= 1:
         for j in jobs:
             yield _crf_job(j)

@@ -24,6 +24,7 @@ from locbe.data import denormalize
 from locbe.eval.metrics import ConfusionMatrix
 from locbe.eval.protocol import Protocol, get_protocol, protocol_cams, protocol_seg_logits, seg_logits_batch
 from locbe.fileio import atomic_path, atomic_write_json
+from locbe.progress import progress_bar
 
 MS_SCALES = (1.0, 1.25, 1.5)
 
@@ -101,8 +102,6 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     ``opts.resume_dir`` the per-image contributions are written as made and a rerun skips what is done."""
     from collections import deque
 
-    from tqdm import tqdm
-
     from locbe.data import voc_palette
     from locbe.eval.crf import CRFParams, crf_job
     from locbe.eval.sharded import (
@@ -145,8 +144,8 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     pending: deque = deque()
     if opts.save_predictions:
         opts.save_predictions.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=my_count, initial=done_mine, desc=f"eval {opts.split}", unit="img", dynamic_ncols=True,
-               disable=not (opts.progress and shard.is_main))
+    bar = progress_bar(total=my_count, initial=done_mine, desc=f"eval {opts.split}", unit="img",
+                       disable=not (opts.progress and shard.is_main))
 
     def finish(record, crf_labels, gt):
         if crf_labels is not None:

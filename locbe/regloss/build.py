@@ -69,9 +69,28 @@ def build_key(cuda: bool, archs: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _load(name: str, cuda: bool, build_directory: Path, verbose: bool = False) -> Path:
-    from torch.utils.cpp_extension import load
+def _no_cuda_runtime_notice(record) -> bool:
+    return not record.getMessage().startswith("No CUDA runtime is found")
 
+
+def cpp_extension(cuda: bool):
+    """``torch.utils.cpp_extension``. On a machine without a GPU its import logs "No CUDA runtime is found,
+    using CUDA_HOME=..." whenever a CUDA toolkit is around; a build that compiles nothing for CUDA
+    (``cuda=False``) imports it without that line."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")  # the module's own logger (created here if first)
+    if not cuda:
+        logger.addFilter(_no_cuda_runtime_notice)
+    try:
+        from torch.utils import cpp_extension as module
+    finally:
+        logger.removeFilter(_no_cuda_runtime_notice)
+    return module
+
+
+def _load(name: str, cuda: bool, build_directory: Path, verbose: bool = False) -> Path:
+    load = cpp_extension(cuda).load
     kwargs = dict(name=name, sources=[str(s) for s in _sources(cuda)],
                   extra_cflags=CFLAGS + (["-DWITH_CUDA"] if cuda else []), extra_ldflags=LDFLAGS,
                   extra_include_paths=[str(source_dir())], verbose=verbose, is_python_module=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ def environment_info(cfg: TrainConfig, device: torch.device, world_size: int) ->
         "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
         "numpy": np.__version__, "device": str(device), "world_size": world_size,
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(), "seed": cfg.seed, "deterministic": cfg.deterministic,
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "seed": cfg.seed, "deterministic": cfg.deterministic,
         "commit": commit, "config_hash": cfg.config_hash(), "argv": sys.argv,
     }

@@ -1,0 +1,110 @@
+"""Progress in a log file: whole lines at a readable pace, no carriage returns (locbe/progress.py), and no
+torch notice about a CUDA runtime on a run that builds nothing for CUDA (locbe/regloss/build.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tqdm import tqdm
+
+from locbe.progress import LINE_EVERY_FRACTION, LINE_EVERY_SECONDS, LineProgress, progress_bar
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA_NOTICE = "No CUDA runtime is found"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_lines_every_few_percent_with_rate_eta_and_postfix():
+    out, clock = io.StringIO(), FakeClock()
+    bar = LineProgress(total=200, desc="train smoke", unit="step", file=out, clock=clock)
+    for i in range(200):
+        clock.now += 0.5
+        if i == 99:  # as the training loop does: the losses of the step, then the step counted
+            bar.set_postfix({"total": "1.234", "cls": "0.500"})
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 1 + round(1 / LINE_EVERY_FRACTION)  # the start, then every 5% (10 steps)
+    assert re.fullmatch(r"train smoke:\s+50% 100/200 \[00:50<00:50,\s+2\.00step/s, total=1\.234, cls=0\.500\]",
+                        lines[10]), lines[10]
+    assert lines[-1].startswith("train smoke: 100% 200/200 [01:40<00:00")
+
+
+def test_a_line_after_tens_of_seconds_however_slow_and_a_last_line_on_close():
+    out, clock = io.StringIO(), FakeClock()
+    bar = LineProgress(total=10_000, desc="eval val", unit="img", initial=4000, file=out, clock=clock)
+    clock.now += LINE_EVERY_SECONDS - 1
+    bar.update(1)  # neither 5% nor the interval: no line
+    clock.now += 2
+    bar.update(1)  # the interval has passed
+    bar.update(3)
+    bar.close()
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split("[")[0].split()[-1] for line in lines] == ["4000/10000", "4002/10000", "4005/10000"]
+    assert "15.50s/img" in lines[1]  # rate of this run: 2 images in 31 s, not counting the resumed 4000
+
+
+def test_iteration_and_choice_of_display():
+    out = io.StringIO()
+    assert list(progress_bar(range(40), desc="verify", file=out)) == list(range(40))
+    assert out.getvalue().count("\n") == 1 + 20 and out.getvalue().splitlines()[-1].startswith("verify: 100% 40/40")
+    assert isinstance(progress_bar(total=3, file=Terminal()), tqdm)  # on a terminal the bar stays
+    assert isinstance(progress_bar(total=3, file=out, disable=True), tqdm)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic") / "voc"
+    subprocess.run([sys.executable, "-m", "locbe.cli", "make-synthetic", "--out", str(root), "--num-train", "24",
+                    "--num-val", "4", "--seed", "3"], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    return root
+
+
+def test_smoke_run_logged_to_a_file_has_progress_lines_and_no_cuda_notice(synthetic_root, tmp_path):
+    cuda_home = next((p for p in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if p and Path(p).is_dir()), None)
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({"CUDA_HOME": cuda_home} if cuda_home else {})}
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.run([sys.executable, "-m", "locbe.cli", "train", "--preset", "smoke", "--device", "cpu",
+                               "--data-root", str(synthetic_root), "--out", str(tmp_path / "run"),
+                               "--max-steps", "40", "--batch-size", "4", "--num-workers", "0",
+                               "--set", "crop_size=64", "--set", "loc_crop_size=32"],
+                              stderr=stderr, stdout=subprocess.PIPE, text=True, env=env, timeout=900)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    steps = [int(m) for m in re.findall(r"^train smoke:\s+\d+% (\d+)/40 ", text, flags=re.M)]
+    assert steps[0] == 0 and steps[-1] == 40 and len(steps) >= 10 and steps == sorted(steps), text[-3000:]
+    last = [line for line in text.splitlines() if line.startswith("train smoke: 100%")][-1]
+    assert re.search(r"step/s, .*total=\d", last), last  # rate and losses
+    assert CUDA_NOTICE not in text
+    if "GOMP_SPINCOUNT" not in os.environ:  # the run records the wait policy it ran under (locbe/openmp.py)
+        recorded = json.loads((tmp_path / "run" / "env.json").read_text())["omp_wait_policy"]
+        assert recorded == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    if cuda_home and torch.version.cuda and not torch.cuda.is_available():  # here the check can fail:
+        plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert CUDA_NOTICE in plain.stderr  # torch's plain import prints it in this environment
