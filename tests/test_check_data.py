@@ -71,6 +71,12 @@ def test_full_check_lists_every_bad_file_in_one_run(broken, capsys, workers):
         assert f"{problem} 1" in last
 
 
+def test_num_classes_sets_the_allowed_labels(broken, capsys):
+    root, expected = broken
+    assert check_data(root, "--num-classes", "31") == errors.EXIT_BAD_INPUT  # 30 is a class now
+    assert listed(capsys.readouterr().err) == {p: v for p, v in expected.items() if v != "labels outside the classes"}
+
+
 def test_size_mismatch_names_both_sizes(broken, capsys):
     root, expected = broken
     check_data(root)
