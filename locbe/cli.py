@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("locbe.data.synthetic", "write the built-in synthetic dataset in VOC layout"),
     "make-layout": ("locbe.data.voc_layout", "write a synthetic set laid out exactly like VOC 2012+SBD or COCO 2014"),
     "make-cls-labels": ("locbe.data.cls_labels", "write cls_labels_onehot.npy from segmentation masks"),
+    "check-data": ("locbe.data.check", "read every image and mask of a split; list every bad file at once"),
     "build-ext": ("locbe.regloss.build", "compile the regularized-loss extension (CPU, and CUDA if nvcc)"),
     "train": ("locbe.training.cli", "train LOC-BE / ToCo (single process or under torchrun)"),
     "eval": ("locbe.eval.cli", "evaluate a checkpoint: seg / CAM mIoU, multi-scale, dense CRF"),

@@ -41,7 +41,21 @@ def _stage_train(cfg: TrainConfig, progress: bool, force_new: bool = False) -> P
         return final
     resume = last.exists() and not force_new
     print(f"[train] {'resuming' if resume else 'starting'} {cfg.preset} in {cfg.out_dir}")
-    return train(cfg, resume=resume, force_new=force_new, progress=progress).checkpoint
+    # the data were checked once for every stage (_check_data)
+    return train(cfg, resume=resume, force_new=force_new, progress=progress, check_data=False).checkpoint
+
+
+def _check_data(cfg: TrainConfig, eval_splits: list[str], progress: bool) -> None:
+    """The fast check (headers, sizes) of every split the stages read, before the first stage (--no-check-data
+    skips it). Bad files are listed one per line and the run stops with exit 2."""
+    from locbe.data.check import check_before_training
+    from locbe.train import training_splits
+
+    is_main = _is_main()
+    for result in check_before_training(cfg.dataset, cfg.data_root, training_splits(cfg) + eval_splits,
+                                        cfg.num_classes, progress=progress, is_main=is_main):
+        if is_main:
+            print(f"[data] {result.summary()}")
 
 
 def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progress: bool, **opts) -> dict:
@@ -234,8 +248,8 @@ def _raise_failed(records: list[dict], tables: Path) -> None:
         raise err
 
 
-def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: bool,
-                    force_new: bool = False, seeds: list[int] | None = None) -> tuple[Path, float, list[dict]]:
+def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: bool, force_new: bool = False,
+                    seeds: list[int] | None = None, check_data: bool = True) -> tuple[Path, float, list[dict]]:
     """Returns the tables' folder, the acceptance ratio (``acceptance_ratio``; of the mean over the seeds) and
     the seeds' records."""
     from locbe.data import VOC_CLASSES, build_dataset
@@ -249,6 +263,8 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     if not (root / "synthetic.json").exists():  # an existing synthetic set (any size/seed) is used as is
         print(f"[data] generating the synthetic dataset in {root}")
         make_synthetic(root)
+    if check_data:
+        _check_data(cfg, [cfg.val_split, cfg.train_split], progress)
     isolate = seeds is not None
     cfgs = seed_configs(cfg, seeds)
     records, checkpoint = _run_seeds(_smoke_stages, cfgs, progress, force_new, isolate)
@@ -336,7 +352,7 @@ def final_eval_split(cfg: TrainConfig) -> str:
 
 
 def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: bool = False,
-                   seeds: list[int] | None = None) -> tuple[Path, list[dict]]:
+                   seeds: list[int] | None = None, check_data: bool = True) -> tuple[Path, list[dict]]:
     from locbe.data import COCO_CLASSES, VOC_CLASSES
     from locbe.seed_report import metric_row, write_seed_report
 
@@ -350,6 +366,8 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: b
     if root is None or not root.is_dir():  # before anything is written: existing results stay as they are
         raise MissingPathError(f"--data-root {'is required' if root is None else f'{root} does not exist'} for "
                                f"--preset {cfg.preset} ({ds_name} in VOC layout); nothing was run or written")
+    if check_data:
+        _check_data(cfg, [seg_split, cam_split], progress)
     cfgs = seed_configs(cfg, seeds)
     records, checkpoint = _run_seeds(_real_stages, cfgs, progress, force_new, isolate=seeds is not None)
     if not _is_main():
@@ -418,6 +436,8 @@ def add_arguments(p, argv=()) -> None:
     p.add_argument("--max-steps", type=int, help="rehearsal: cap the training steps (the schedule shrinks with it)")
     p.add_argument("--max-images", type=int, help="rehearsal: cap the images of every evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-check-data", action="store_true",
+                   help="skip the check of every image's and mask's header before the first stage (locbe check-data)")
 
 
 def run(args) -> int:
@@ -444,10 +464,12 @@ def run(args) -> int:
     progress = not args.no_progress
     reports = Path(args.reports) / cfg.preset if args.reports else Path(cfg.out_dir) / "report"
     if cfg.dataset != "synthetic":
-        tables, records = reproduce_real(cfg, reports, progress, args.force_new, seeds)
+        tables, records = reproduce_real(cfg, reports, progress, args.force_new, seeds,
+                                         check_data=not args.no_check_data)
         _raise_failed(records, tables)
         return 0
-    tables, ratio, records = reproduce_smoke(cfg, reports, args.ablation, progress, args.force_new, seeds)
+    tables, ratio, records = reproduce_smoke(cfg, reports, args.ablation, progress, args.force_new, seeds,
+                                                   check_data=not args.no_check_data)
     _raise_failed(records, tables)
     line = ACCEPTANCE.get(cfg.preset)
     if line is not None and ratio < line:

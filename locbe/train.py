@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from locbe.config import TrainConfig
+from locbe.data.check import check_before_training
 from locbe.errors import DataError, NonFiniteLossError, one_line
 from locbe.training import rundir
 from locbe.training.checkpoint import environment_info, load_training_state, save_checkpoint
@@ -58,8 +59,9 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
-          progress: bool = True, max_steps_this_run: int | None = None) -> TrainResult:
-    """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks)."""
+          progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True) -> TrainResult:
+    """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks);
+    ``check_data``: the fast data check (locbe.data.check) of the splits the run reads, before anything is written."""
     from locbe.progress import progress_bar
     from locbe.step import step_generator, training_step
 
@@ -68,6 +70,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed + info.rank)
+    if check_data and cfg.data_root is not None:
+        check_before_training(cfg.dataset, cfg.data_root, training_splits(cfg), cfg.num_classes,
+                              progress=progress, is_main=info.is_main)
     dataset = build_train_dataset(cfg)
     rundir.prepare(cfg, resume=resume, force_new=force_new, is_main=info.is_main)
     net, optimizer, par, reg_loss = build_training(cfg, device, init_from)
@@ -143,6 +148,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
 
 
 # ----------------------------------------------------------------------------- the loop's helpers
+def training_splits(cfg: TrainConfig) -> list[str]:
+    """The splits a training run reads: the training split, and the val split when it validates on the way."""
+    return [cfg.train_split] + ([cfg.val_split] if cfg.val_every and cfg.val_every < cfg.max_steps else [])
+
+
 def build_training(cfg: TrainConfig, device: torch.device, init_from: str | None):
     """Network (optionally from a full checkpoint), AdamW, PAR and the regularized loss (None when unused)."""
     from locbe.models import build_model, load_checkpoint

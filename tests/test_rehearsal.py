@@ -35,7 +35,7 @@ def test_voc_layout_is_voc(tmp_path):
             assert im.format == "JPEG" and max(im.size) == 500 and min(im.size) >= 281
             size = im.size
         with Image.open(voc / "SegmentationClassAug" / f"{name}.png") as m:
-            assert m.mode == "P" and m.size == size
+            assert m.mode == "L" and m.size == size  # SBD ships single-channel class-index PNGs
             values = set(np.unique(np.asarray(m)).tolist())
             assert values <= set(range(len(VOC_CLASSES))) | {255} and 255 in values
     assert not (voc / "cls_labels_onehot.npy").exists()  # VOC ships none; locbe derives the labels
@@ -48,7 +48,8 @@ def test_coco_layout_is_the_authors(tmp_path):
         for name in names:
             assert name.startswith(f"COCO_{folder}_") and len(name.split("_")[-1]) == 12
             assert (tmp_path / "JPEGImages" / folder / f"{name}.jpg").is_file()
-            assert (tmp_path / "SegmentationClass" / folder / f"{name}.png").is_file()
+            with Image.open(tmp_path / "SegmentationClass" / folder / f"{name}.png") as m:
+                assert m.mode == "L"  # class indices in one channel, as the authors' loader reads them
     part = (tmp_path / "ImageSets" / "val_part.txt").read_text().split()
     assert set(part) < set((tmp_path / "ImageSets" / "val.txt").read_text().split())
     labels = np.load(tmp_path / "cls_labels_onehot.npy", allow_pickle=True).item()

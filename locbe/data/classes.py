@@ -31,6 +31,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")  # VOC (+SBD) first, then COCO-in-VOC style
 LABEL_FILE = "cls_labels_onehot.npy"
+MASK_MODES = ("P", "L", "I", "I;16")  # class-index images: palette (VOC) or single channel (SBD, COCO)
+DATASET_CLASSES = {"voc": 21, "synthetic": 21, "coco": 81}  # number of classes, background included
 
 
 def voc_palette(n: int = 256) -> list[int]:

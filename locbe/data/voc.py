@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from locbe.data.classes import IGNORE_INDEX, LABEL_FILE, MASK_DIRS, normalize
+from locbe.data.classes import DATASET_CLASSES, IGNORE_INDEX, LABEL_FILE, MASK_DIRS, MASK_MODES, normalize
+from locbe.data.paths import coco_subdir, require_root, split_folders, split_list, split_needs_masks
 from locbe.data.transforms import AugmentConfig, augment
 from locbe.errors import DataError, MissingPathError
 
-__all__ = ["LABEL_FILE", "MASK_DIRS", "VOCSegmentation", "build_dataset", "labels_from_mask", "read_image",
-           "read_mask"]
+__all__ = ["DATASET_CLASSES", "LABEL_FILE", "MASK_DIRS", "VOCSegmentation", "build_dataset", "coco_subdir",
+           "labels_from_mask", "read_image", "read_mask"]
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -34,14 +35,6 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     fg = present[(present > 0) & (present < num_classes)]
     out[fg - 1] = 1
     return out
-
-
-def coco_subdir(root: Path, split: str) -> str | None:
-    """``train2014`` / ``val2014`` when ``root`` has the authors' COCO layout (``JPEGImages/train2014/...``), as
-    their loader picks it: val2014 for a split whose name contains "val", train2014 otherwise."""
-    if not (root / "JPEGImages" / "train2014").is_dir() and not (root / "JPEGImages" / "val2014").is_dir():
-        return None
-    return "val2014" if "val" in split else "train2014"
 
 
 def read_image(path: Path) -> Image.Image:
@@ -56,7 +49,7 @@ def read_image(path: Path) -> Image.Image:
 def read_mask(path: Path, num_classes: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16"):
+            if im.mode not in MASK_MODES:
                 raise DataError(f"mask {path} has mode {im.mode}; expected a palette (P) or gray (L) index image")
             mask = np.asarray(im, dtype=np.int64)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -76,22 +69,13 @@ class VOCSegmentation(torch.utils.data.Dataset):
                  num_classes: int = 21, seed: int = 0, augment_cfg: AugmentConfig | None = None,
                  label_file: str | Path | None = None, require_masks: bool | None = None):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise MissingPathError(f"dataset root {self.root} does not exist; pass --data-root pointing at "
-                                    "VOC2012 (or COCO in VOC layout), or make one with "
-                                    "`locbe make-synthetic --out DIR`")
+        require_root(self.root)
         self.split, self.train, self.num_classes, self.seed = split, train, num_classes, seed
         self.epoch = 0
         self.aug = augment_cfg or AugmentConfig(crop_size=crop_size)
-        self.names = self._read_split()
-        self.image_dir = self.root / "JPEGImages"
-        self.mask_dir = next((self.root / d for d in MASK_DIRS if (self.root / d).is_dir()), None)
-        sub = coco_subdir(self.root, split)
-        if sub is not None:  # the authors' COCO layout: JPEGImages/{train2014,val2014}, masks likewise
-            self.image_dir = self.image_dir / sub
-            if self.mask_dir is not None:
-                self.mask_dir = self.mask_dir / sub
-        needs_masks = (split != "test") if require_masks is None else require_masks
+        _, self.names = split_list(self.root, split)
+        self.image_dir, self.mask_dir = split_folders(self.root, split)
+        needs_masks = split_needs_masks(split) if require_masks is None else require_masks
         self._check_files(needs_masks)
         label_path = Path(label_file) if label_file else self.root / LABEL_FILE
         self.file_labels = self._read_label_file(label_path) if label_path.is_file() else None
@@ -101,18 +85,6 @@ class VOCSegmentation(torch.utils.data.Dataset):
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ construction checks
-    def _read_split(self) -> list[str]:
-        candidates = [self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt",
-                      self.root / "ImageSets" / f"{self.split}.txt"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise MissingPathError(f"split file for {self.split!r} not found: looked for "
-                                    f"{', '.join(map(str, candidates))}; check --data-root and the split name")
-        names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-        if not names:
-            raise DataError(f"split file {path} lists no images")
-        return names
-
     def _check_files(self, needs_masks: bool) -> None:
         missing = [n for n in self.names if not (self.image_dir / f"{n}.jpg").is_file()]
         if missing:
@@ -204,9 +176,6 @@ class VOCSegmentation(torch.utils.data.Dataset):
                                       labels_from_mask(mask, self.num_classes)):
                     disagree.append(name)
         return disagree
-
-
-DATASET_CLASSES = {"voc": 21, "synthetic": 21, "coco": 81}
 
 
 def build_dataset(dataset: str, root, split: str, *, train: bool, crop_size: int = 448,

@@ -4,13 +4,16 @@
 (500 px on the long side: 500x375, 375x500, 500x333, ...) named like ``2008_000123``, SBD's
 ``SegmentationClassAug/`` for every train_aug and val image, VOC's own ``SegmentationClass/`` for the
 val and a part of the train images, ``ImageSets/Segmentation/{train,val,trainval,train_aug}.txt``, the 20
-real classes (palette PNGs, 255 void bands). No ``cls_labels_onehot.npy``: VOC does not ship one, locbe
-derives the labels from the masks.
+real classes with 255 void bands. Masks are encoded as the releases encode them: VOC's ``SegmentationClass``
+as palette PNGs ("P", the VOC colour map), SBD's ``SegmentationClassAug`` as single-channel ("L") PNGs of
+class indices; both decode to the same label array. No ``cls_labels_onehot.npy``: VOC does not ship one,
+locbe derives the labels from the masks.
 
 ``make_coco_layout(root)``: COCO 2014 in the layout the authors' COCO loader reads: ``JPEGImages/train2014/
 COCO_train2014_<12 digits>.jpg`` and ``val2014/``, masks in ``SegmentationClass/{train2014,val2014}/``,
 lists ``ImageSets/{train,val,val_part}.txt`` (val_part a subset of val), 80 foreground classes,
-``cls_labels_onehot.npy`` (their list folder ships one), images around 640x480.
+``cls_labels_onehot.npy`` (their list folder ships one), images around 640x480, masks as single-channel
+("L") PNGs of class indices, which the authors' loader reads as they are.
 
 Pictures come from the synthetic generator (``locbe.data.synthetic``): same seed, same bytes.
 """
@@ -31,18 +34,28 @@ from locbe.data.synthetic import SyntheticConfig, make_image
 
 VOC_SIZES = [(375, 500), (500, 375), (333, 500), (366, 500), (500, 332), (281, 500)]  # (H, W) common in VOC
 COCO_SIZES = [(480, 640), (427, 640), (640, 480), (425, 640), (640, 427)]
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: masks encoded per release (was: all palette PNGs)
 
 
-def _write_item(rng, first, size, num_fg, jpg: Path, pngs: list[Path]) -> np.ndarray:
+def encode_mask(mask: np.ndarray, mode: str) -> Image.Image:
+    """A uint8 class-index mask as a PNG-ready image: "P" (palette, the VOC colour map: VOC's
+    ``SegmentationClass``) or "L" (single channel: SBD's ``SegmentationClassAug``, COCO). Same indices."""
+    if mode not in ("P", "L"):
+        raise ValueError(f"mask encoding must be 'P' or 'L', got {mode!r}")
+    image = Image.fromarray(mask.astype(np.uint8), mode=mode)
+    if mode == "P":
+        image.putpalette(voc_palette())
+    return image
+
+
+def _write_item(rng, first, size, num_fg, jpg: Path, pngs: list[tuple[Path, str]]) -> np.ndarray:
+    """Write one picture and its mask in each (path, encoding) of ``pngs``; returns the mask."""
     image, mask = make_image(rng, first, SyntheticConfig(), size=size, num_fg=num_fg)
     jpg.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(jpg, quality=90, optimize=False)
-    m = Image.fromarray(mask, mode="P")
-    m.putpalette(voc_palette())
-    for p in pngs:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        m.save(p, optimize=False)
+    for path, mode in pngs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        encode_mask(mask, mode).save(path, optimize=False)
     return mask
 
 
@@ -88,9 +101,9 @@ def make_voc_layout(root: str | Path, num_train: int = 16, num_val: int = 6, see
                 rng = np.random.default_rng([seed, 7, sid, i])
                 name = f"{2007 + (i + 3 * sid) % 5}_{(1 + sid) * 1000 + 17 * i:06d}"
                 size = VOC_SIZES[int(rng.integers(len(VOC_SIZES)))]
-                pngs = [tmp / "SegmentationClassAug" / f"{name}.png"]
+                pngs = [(tmp / "SegmentationClassAug" / f"{name}.png", "L")]  # SBD: single-channel
                 if split == "val" or i % 3 == 0:  # VOC's own masks: val and part of train (SBD adds the rest)
-                    pngs.append(tmp / "SegmentationClass" / f"{name}.png")
+                    pngs.append((tmp / "SegmentationClass" / f"{name}.png", "P"))  # VOC: palette
                     if split == "train_aug":
                         in_voc_train.append(name)
                 _write_item(rng, i % (len(VOC_CLASSES) - 1), size, len(VOC_CLASSES) - 1,
@@ -121,7 +134,7 @@ def make_coco_layout(root: str | Path, num_train: int = 16, num_val: int = 6, se
                 name = f"COCO_{folder}_{(sid + 1) * 100000 + 37 * i:012d}"
                 size = COCO_SIZES[int(rng.integers(len(COCO_SIZES)))]
                 mask = _write_item(rng, (5 * i) % num_fg, size, num_fg, tmp / "JPEGImages" / folder / f"{name}.jpg",
-                                   [tmp / "SegmentationClass" / folder / f"{name}.png"])
+                                   [(tmp / "SegmentationClass" / folder / f"{name}.png", "L")])
                 labels[name] = _onehot(mask, num_fg)
                 names[split].append(name)
         lists = tmp / "ImageSets"

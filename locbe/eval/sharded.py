@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from locbe.device import cpu_cores
 from locbe.fileio import atomic_write_json
 
 
@@ -66,13 +67,6 @@ def chunks(n: int, batch_size: int) -> list[list[int]]:
 
 def my_chunks(n: int, batch_size: int, shard: Shard) -> list[list[int]]:
     return [c for k, c in enumerate(chunks(n, batch_size)) if k % shard.world_size == shard.rank]
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def crf_workers(requested: int | None, shard: Shard) -> int:

@@ -64,6 +64,8 @@ def add_arguments(p, argv=()) -> None:
                    help="override any config field, e.g. --set lr=1e-4 (repeatable; --print-config lists them)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-check-data", action="store_true",
+                   help="skip the check of every image's and mask's header before step 0 (locbe check-data)")
 
 
 def config_from_args(args) -> TrainConfig:
@@ -98,7 +100,7 @@ def run(args) -> int:
 
     try:
         result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, check_data=not args.no_check_data)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
