@@ -205,3 +205,27 @@ def test_ablation_runs_every_row_for_every_seed_against_the_full_method(root, tm
         assert r.difference == pytest.approx(variant.mean() - full.mean(), abs=0.02)  # the CSV rounds to 0.01
     assert "ablation.md" in (reports / "smoke" / "results.md").read_text()
     assert "# locbe reproduce: ablation" in (reports / "smoke" / "ablation.md").read_text()
+
+
+def test_seed_report_against_a_published_value(tmp_path):
+    """A VOC-like table: three seeds around 70 against the published 73.1 (above every plausible run) and 71.0
+    (inside), a failed seed, and the picture."""
+    from locbe.seed_report import metric_row, write_seed_report
+    from locbe.seeds import failed_record, run_record
+
+    records = [run_record(fake_run(tmp_path / f"seed-{k}", v, dataset="voc", seed=k), k)
+               for k, v in enumerate([0.700, 0.702, 0.698])]
+    records.append(failed_record(tmp_path / "seed-3", 3, "training stopped on a non-finite loss", 4))
+    rows = [metric_row("LOC-BE", "ViT-B/16", "voc", "val", SEG, records, reported=73.1),
+            metric_row("ToCo", "ViT-B/16", "voc", "val", SEG, records, reported=70.1)]
+    write_seed_report(tmp_path / "report", "VOC-like", rows, records, ["a note"])
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    # mean 70.0, std 0.2, t(0.975, 2) = 4.303: PI 70.0 -+ 4.303 * 0.2 * sqrt(4/3) = [69.006, 70.994]
+    assert list(summary.n) == [3, 3] and summary["pi95_high"][0] == pytest.approx(70.994, abs=1e-3)
+    assert list(summary.verdict) == [stats.ABOVE, stats.INSIDE]
+    assert summary["delta"][0] == pytest.approx(-3.1)
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "Seeds: 0, 1, 2, 3 (3 finished, 1 failed)" in md and "Seed 3 failed (exit 4)" in md
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert len(results) == 2 * 4 and results.reproduced.isna().sum() == 2  # one row per seed and metric
+    assert (tmp_path / "report" / "seeds.png").stat().st_size > 10_000
