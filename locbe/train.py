@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -152,7 +153,9 @@ def build_training(cfg: TrainConfig, device: torch.device, init_from: str | None
     net = build_model(cfg.backbone, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
                       aux_layer=cfg.aux_layer).to(device)
     if init_from:
-        load_checkpoint(net, init_from, strict=True)
+        note = load_checkpoint(net, init_from, strict=True).note()  # ToCo's .pth: its training-only heads left out
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--init-from {init_from}: {note}", file=sys.stderr)
     par = PAR(low_memory=cfg.fast_step).to(device)  # same maths, no neighbour stacks (tests/test_step.py)
     return net, build_optimizer(net, cfg), par, build_reg_loss(cfg, device)
 
