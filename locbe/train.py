@@ -71,6 +71,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed + info.rank)
     dataset = build_train_dataset(cfg)
+    done = rundir.finished_step(cfg) if resume and not force_new else None
+    if done is not None:  # nothing to resume: say so and rewrite nothing (final.pth, config.json, logs)
+        final = rundir.checkpoint_paths(cfg.out_dir)[1]
+        if info.is_main:
+            print(f"--resume: the run in {cfg.out_dir} finished at step {done} ({final}); nothing to do, nothing "
+                  "rewritten", file=sys.stderr)
+        return TrainResult(Path(cfg.out_dir), final, done, {})
     rundir.prepare(cfg, resume=resume, force_new=force_new, is_main=info.is_main)
     net, optimizer, par, reg_loss = build_training(cfg, device, init_from)
     out_dir, (last_path, final_path) = Path(cfg.out_dir), rundir.checkpoint_paths(cfg.out_dir)
