@@ -266,8 +266,9 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         try:
             d[key] = coerce_field(key, parse_text(raw))
         except ValueTypeError as e:
-            raise ConfigError(f"--set {_shown(item)}: {key} takes {e.expected} (now {json.dumps(d[key])}), "
-                              f"got {raw!r}") from None
+            now = json.dumps(d[key])
+            now = f" (now {now})" if len(now) <= 40 else ""  # the phases list would drown the line
+            raise ConfigError(f"--set {_shown(item)}: {key} takes {e.expected}{now}, got {raw!r}") from None
     overridden = {item.split("=", 1)[0].strip(): item for item in overrides}
     try:
         return TrainConfig.from_dict(d).validate()
