@@ -9,17 +9,21 @@ the ablations are one flag away.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from locbe.backbones import BACKBONES, list_backbones
+from locbe.config_values import ValueTypeError, coerce, parse_text
+from locbe.errors import ConfigError
 
 # fields that do not change what a run computes: where it reads and writes, how often it logs and saves
 NOT_HASHED = ("out_dir", "log_every", "ckpt_every", "num_workers", "data_root", "pretrained", "val_max_images")
 LOSS_TERMS = ("cls", "cls_aux", "sc", "seg", "reg", "be", "loc")
-DATASETS = ("voc", "coco", "synthetic")
-FIDELITIES = ("authors", "fixed")
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def _coco_phases(cls_only_until: int = 8000, aux_labels_until: int = 12000) -> l
 class TrainConfig:
     preset: str = "voc"
     # --- data
-    dataset: str = "voc"
+    dataset: Literal["voc", "coco", "synthetic"] = "voc"
     data_root: str | None = None
     train_split: str = "train_aug"
     val_split: str = "val"
@@ -103,7 +107,7 @@ class TrainConfig:
     fidelity: Literal["authors", "fixed"] = "authors"
     # --- run
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
     deterministic: bool = False
     fast_step: bool = False  # fewer passes, maths unchanged (issue 6, locbe/step.py)
@@ -130,17 +134,39 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ checks and (de)serialisation
     def validate(self) -> TrainConfig:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        for name in ("batch_size", "max_steps", "crop_size", "num_classes", "loc_num_crops", "loc_crop_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.low < self.high <= 1:
-            raise ValueError(f"need 0 <= low < high <= 1, got low={self.low} high={self.high}")
-        if self.fidelity not in FIDELITIES:
-            raise ValueError(f"fidelity must be one of {FIDELITIES}, got {self.fidelity!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        """The config's own checks (ranges and relations the types cannot say); ``ConfigError`` names the field."""
+        for name in _POSITIVE_INTS:
+            _check(name, getattr(self, name), getattr(self, name) > 0, "a positive integer")
+        for name in _NON_NEGATIVE_INTS:
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "an integer >= 0")
+        _check("seed", self.seed, self.seed < 2**63, "an integer below 2**63")
+        for name in _POSITIVE_FLOATS:
+            _check(name, getattr(self, name), getattr(self, name) > 0, "a positive number")
+        for name in _NON_NEGATIVE_FLOATS:
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "a number >= 0")
+        for name in _UNIT_INTERVAL:
+            _check(name, getattr(self, name), 0 <= getattr(self, name) <= 1, "a number in [0, 1]")
+        if not self.low < self.high:
+            raise ConfigError(f"need 0 <= low < high <= 1, got low={self.low} high={self.high}")
+        for name in ("grad_clip", "val_max_images"):
+            value = getattr(self, name)
+            _check(name, value, value is None or value > 0, "null (off) or a positive number")
+        _check("betas", list(self.betas), all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)")
+        _check("cam_scales", list(self.cam_scales), all(s > 0 for s in self.cam_scales), "positive numbers")
+        for name, value in (("dataset", self.dataset), ("fidelity", self.fidelity), ("device", self.device)):
+            _check(name, value, value in typing.get_args(field_types()[name]),
+                   " or ".join(repr(a) for a in typing.get_args(field_types()[name])))
+        _check_phases(self.phases)
+        _check("backbone", self.backbone, self.backbone in BACKBONES, "one of " + ", ".join(list_backbones()))
+        encoder = BACKBONES[self.backbone]
+        _check("aux_layer", self.aux_layer, -encoder.depth <= self.aux_layer < encoder.depth,
+               f"a block index of {self.backbone}'s {encoder.depth} blocks, -{encoder.depth} to {encoder.depth - 1}")
+        # every CAM view must hold one patch: int(crop_size * scale) >= patch size
+        smallest = min(int(self.crop_size * s) for s in (1.0, *self.cam_scales))
+        if smallest < encoder.patch_size:
+            raise ConfigError(f"crop_size={self.crop_size} with cam_scales={list(self.cam_scales)} gives a "
+                              f"{smallest}px view, smaller than one {encoder.patch_size}px patch of "
+                              f"{self.backbone}: need crop_size * min(cam_scales) >= {encoder.patch_size}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,20 +180,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A config from ``to_dict``'s form (a stored ``config.json``); every value is checked against its
+        field's type (``ConfigError`` naming the key). Call ``validate`` for the ranges."""
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        hints = field_types()
+        unknown = set(d) - set(hints)
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
-        if "phases" in d:
-            d["phases"] = [
-                p if isinstance(p, Phase) else
-                Phase(math.inf if p["until"] is None else p["until"], dict(p["weights"]), p.get("label_source", "cam"))
-                for p in d["phases"]
-            ]
-        for key in ("betas", "cam_scales"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+        for key, value in d.items():
+            try:
+                d[key] = coerce_field(key, value)
+            except ValueTypeError as e:
+                error = ConfigError(f"config key {key}: expected {e.expected}, got {json.dumps(value)}")
+                error.key, error.expected = key, e.expected
+                raise error from None
         return cls(**d)
 
     def config_hash(self) -> str:
@@ -225,17 +251,98 @@ def get_preset(name: str) -> TrainConfig:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``key=value`` strings (``--set lr=1e-4``), parsing values as JSON where possible."""
+    """Apply ``key=value`` strings (``--set lr=1e-4``). Values are read as JSON where they parse, else as
+    text, then checked against the field's type and the config's own checks: a bad one raises
+    ``ConfigError`` naming the key, the value and what the field takes."""
     d = cfg.to_dict()
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-4")
         key, raw = item.split("=", 1)
+        key = key.strip()
         if key not in d:
-            raise ValueError(f"unknown config key {key!r} in override {item!r}; known: {sorted(d)}")
+            raise ConfigError(f"--set {_shown(item)}: unknown config key {key!r}; `locbe train --print-config` "
+                              f"lists them: {', '.join(sorted(d))}")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        d[key] = value
-    return TrainConfig.from_dict(d).validate()
+            d[key] = coerce_field(key, parse_text(raw))
+        except ValueTypeError as e:
+            now = json.dumps(d[key])
+            now = f" (now {now})" if len(now) <= 40 else ""  # the phases list would drown the line
+            raise ConfigError(f"--set {_shown(item)}: {key} takes {e.expected}{now}, got {raw!r}") from None
+    overridden = {item.split("=", 1)[0].strip(): item for item in overrides}
+    try:
+        return TrainConfig.from_dict(d).validate()
+    except ConfigError as e:
+        key = getattr(e, "key", None)
+        if key in overridden:
+            raw = overridden[key].split("=", 1)[1]
+            raise ConfigError(f"--set {_shown(overridden[key])}: {key} takes {e.expected}, got {raw!r}") from None
+        raise
+
+
+def _shown(item: str) -> str:
+    """An override as its message shows it: on one line (a value with a newline or a control character
+    is shown escaped)."""
+    return item if item.isprintable() else ascii(item)[1:-1]
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """Each TrainConfig field's annotation, evaluated (the module uses postponed annotations)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def coerce_field(key: str, value: Any) -> Any:
+    """``value`` as field ``key``'s type; raises ``ValueTypeError`` (what the field takes) otherwise."""
+    if key == "phases":
+        return _coerce_phases(value)
+    return coerce(value, field_types()[key])
+
+
+_POSITIVE_INTS = ("batch_size", "max_steps", "crop_size", "num_classes", "loc_num_crops", "loc_crop_size",
+                  "log_every", "ckpt_every")
+_NON_NEGATIVE_INTS = ("num_workers", "warmup_steps", "val_every", "seed")  # val_every=0: no periodic validation
+_POSITIVE_FLOATS = ("lr", "head_lr_mult", "eps")
+_NON_NEGATIVE_FLOATS = ("weight_decay", "poly_power")
+_UNIT_INTERVAL = ("high", "low", "bkg_thre", "warmup_ratio")
+_PHASES_EXPECTED = 'a non-empty list of {"until": step or null, "weights": {term: number}, "label_source": "cam"|"aux"}'
+
+
+def _check(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        error = ConfigError(f"config key {name}: expected {expected}, got {json.dumps(value)}")
+        error.key, error.expected = name, expected  # apply_overrides names the --set item that did it
+        raise error
+
+
+def _coerce_phases(value) -> list[Phase]:
+    if not isinstance(value, list) or not value:
+        raise ValueTypeError(_PHASES_EXPECTED)
+    phases = []
+    for p in value:
+        if isinstance(p, Phase):
+            phases.append(p)
+            continue
+        if not isinstance(p, dict) or set(p) - {"until", "weights", "label_source"} or "weights" not in p:
+            raise ValueTypeError(_PHASES_EXPECTED)
+        try:
+            until = coerce(p.get("until"), int | None)
+            weights = {str(k): coerce(w, float) for k, w in dict(p["weights"]).items()}
+            if set(weights) - set(LOSS_TERMS):
+                raise ValueTypeError(f"loss weights of the terms {', '.join(LOSS_TERMS)}")
+            source = coerce(p.get("label_source", "cam"), Literal["cam", "aux"])
+        except ValueTypeError as e:
+            raise ValueTypeError(e.expected if "loss weights" in e.expected else _PHASES_EXPECTED) from None
+        except (TypeError, ValueError):
+            raise ValueTypeError(_PHASES_EXPECTED) from None
+        phases.append(Phase(math.inf if until is None else until, weights, source))
+    return phases
+
+
+def _check_phases(phases: list[Phase]) -> None:
+    shown = [{"until": None if math.isinf(p.until) else p.until, "weights": p.weights} for p in phases]
+    ok = bool(phases) and all(a.until < b.until for a, b in zip(phases, phases[1:])) and all(
+        p.until >= 0 and set(p.weights) <= set(LOSS_TERMS) and all(w >= 0 for w in p.weights.values())
+        for p in phases)
+    _check("phases", shown, ok, "phases with increasing 'until' >= 0, non-negative weights of the terms "
+                                f"{', '.join(LOSS_TERMS)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -74,6 +75,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         check_before_training(cfg.dataset, cfg.data_root, training_splits(cfg), cfg.num_classes,
                               progress=progress, is_main=info.is_main)
     dataset = build_train_dataset(cfg)
+    done = rundir.finished_step(cfg) if resume and not force_new else None
+    if done is not None:  # nothing to resume: say so and rewrite nothing (final.pth, config.json, logs)
+        final = rundir.checkpoint_paths(cfg.out_dir)[1]
+        if info.is_main:
+            print(f"--resume: the run in {cfg.out_dir} finished at step {done} ({final}); nothing to do, nothing "
+                  "rewritten", file=sys.stderr)
+        return TrainResult(Path(cfg.out_dir), final, done, {})
     rundir.prepare(cfg, resume=resume, force_new=force_new, is_main=info.is_main)
     net, optimizer, par, reg_loss = build_training(cfg, device, init_from)
     out_dir, (last_path, final_path) = Path(cfg.out_dir), rundir.checkpoint_paths(cfg.out_dir)
@@ -161,7 +169,9 @@ def build_training(cfg: TrainConfig, device: torch.device, init_from: str | None
     net = build_model(cfg.backbone, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
                       aux_layer=cfg.aux_layer).to(device)
     if init_from:
-        load_checkpoint(net, init_from, strict=True)
+        note = load_checkpoint(net, init_from, strict=True).note()  # ToCo's .pth: its training-only heads left out
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--init-from {init_from}: {note}", file=sys.stderr)
     par = PAR(low_memory=cfg.fast_step).to(device)  # same maths, no neighbour stacks (tests/test_step.py)
     return net, build_optimizer(net, cfg), par, build_reg_loss(cfg, device)
 

@@ -196,6 +196,19 @@ def test_dense_crf_snaps_blurred_boundary_to_colour_edge(shift):
     assert (no_bilateral.argmax(0) == truth)[:, band].mean() < after
 
 
+def test_dense_crf_takes_read_only_arrays():
+    """np.asarray of a PIL image is read-only; the result equals that of a writable copy, inputs untouched."""
+    from PIL import Image
+
+    image, probs, _ = edge_case(shift=3)
+    frozen_image = np.asarray(Image.fromarray(image))
+    frozen_probs = probs.copy()
+    frozen_probs.setflags(write=False)
+    assert not frozen_image.flags.writeable and not frozen_probs.flags.writeable
+    np.testing.assert_array_equal(dense_crf(frozen_image, frozen_probs), dense_crf(image.copy(), probs.copy()))
+    np.testing.assert_array_equal(frozen_image, image)
+
+
 def test_dense_crf_rejects_mismatched_image():
     image, probs, _ = edge_case()
     with pytest.raises(ValueError):

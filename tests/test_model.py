@@ -171,6 +171,80 @@ def test_load_toco_checkpoint_without_attn_proj(tmp_path):
     assert torch.equal(dst.decoder.conv7.weight, src.decoder.conv7.weight)
 
 
+def _toco_heads(d: int) -> dict[str, tuple[int, ...]]:
+    """ToCo's two training-only contrast heads, as method.md names their tensors (``mlp.{0,2,4}``, a weight-normalised
+    ``last_layer``). method.md gives no sizes; assumed here: a DINO-style projection head on the d-dim patch tokens,
+    Linear(d, 2048) GELU Linear(2048, 2048) GELU Linear(2048, 256), then weight_norm(Linear(256, 1024, bias=False))
+    (weight_g of shape (out, 1), as torch's weight_norm over dim 0 stores it). The loader keys on the names only."""
+    shapes = {"mlp.0.weight": (2048, d), "mlp.0.bias": (2048,), "mlp.2.weight": (2048, 2048), "mlp.2.bias": (2048,),
+              "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
+              "last_layer.weight_g": (1024, 1), "last_layer.weight_v": (1024, 256)}
+    return {f"{head}.{k}": v for head in ("proj_head", "proj_head_t") for k, v in shapes.items()}
+
+
+def _toco_layout(num_classes: int) -> dict[str, tuple[int, ...]]:
+    """method.md: a ToCo checkpoint is the authors' layout minus attn_proj plus the two heads, every key `module.`."""
+    keys = {k: v for k, v in _spec_layout(num_classes).items() if not k.startswith("attn_proj.")}
+    keys.update(_toco_heads(768))
+    return {"module." + k: v for k, v in keys.items()}
+
+
+def test_toco_voc_checkpoint_layout_loads_into_vit_base():
+    """All 173 tensors of ToCo's VOC checkpoint, key for key (on the meta device: names and shapes, no data)."""
+    from locbe.models.checkpoint import load_state
+
+    layout = _toco_layout(21)
+    assert len(layout) == 173  # method.md's count, a check on the hand-written list
+    state = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}
+    report = load_state(_base_shapes_only(21), state, "toco_voc.pth", strict=True)
+    assert report.ok and report.stripped_prefix and report.missing == [] and report.unexpected == []
+    assert report.training_only == sorted(_toco_heads(768)) and len(report.training_only) == 16
+    assert report.skipped_optional == ["attn_proj.bias", "attn_proj.weight"]
+    assert "16 tensors of ToCo's training-only heads proj_head and proj_head_t" in report.note()
+
+
+def test_toco_checkpoint_file_loads_its_network_and_leaves_out_the_heads(tmp_path):
+    """A file written as ToCo's training script writes it (state_dict() of the DDP-wrapped network: `module.` keys,
+    no attn_proj, the two heads with real values): every tensor of the network is loaded, the heads are not."""
+    src = _micro(seed=11)
+    g = torch.Generator().manual_seed(0)
+    heads = {"module." + k: torch.randn(shape, generator=g) for k, shape in _toco_heads(src.encoder.embed_dim).items()}
+    path = _save_authors(src, tmp_path / "toco.pth", drop=("attn_proj.weight", "attn_proj.bias"), extra=heads)
+    assert len(torch.load(path, weights_only=True)) == len(src.state_dict()) - 2 + 16
+
+    dst = _micro(seed=12)
+    attn_init = dst.attn_proj.weight.detach().clone()
+    report = load_checkpoint(dst, path)  # strict
+    assert report.training_only == sorted(k.removeprefix("module.") for k in heads)
+    assert not any(k.startswith("proj_head") for k in dst.state_dict())
+    for k, v in src.state_dict().items():
+        if not k.startswith("attn_proj."):
+            assert torch.equal(dst.state_dict()[k], v), k
+    assert torch.equal(dst.attn_proj.weight, attn_init)
+    x = _img(48, 64)
+    with torch.no_grad():
+        assert torch.equal(src(x).seg_logits, dst(x).seg_logits)
+
+
+def test_toco_checkpoint_starts_the_toco_baseline_preset(tmp_path, capsys):
+    """`locbe train --preset smoke-toco --init-from toco.pth`: the network starts from the file, and the
+    training-only heads are named on stderr."""
+    import dataclasses
+
+    from locbe.config import get_preset
+    from locbe.train import build_training
+
+    cfg = dataclasses.replace(get_preset("smoke-toco"), use_reg=False)
+    src = _micro(seed=13)
+    heads = {"module." + k: torch.zeros(shape) for k, shape in _toco_heads(src.encoder.embed_dim).items()}
+    path = _save_authors(src, tmp_path / "toco.pth", drop=("attn_proj.weight", "attn_proj.bias"), extra=heads)
+    net, *_ = build_training(cfg, torch.device("cpu"), str(path))
+    assert torch.equal(net.classifier.weight, src.classifier.weight)
+    assert torch.equal(net.encoder.blocks[3].mlp.fc1.weight, src.encoder.blocks[3].mlp.fc1.weight)
+    err = capsys.readouterr().err
+    assert f"--init-from {path}: left out 16 tensors of ToCo's training-only heads proj_head and proj_head_t" in err
+
+
 @pytest.mark.parametrize(("ckpt_classes", "model_classes"), [(21, 81), (81, 21)])
 def test_load_checkpoint_wrong_class_count(tmp_path, ckpt_classes, model_classes):
     path = _save_authors(_micro(num_classes=ckpt_classes), tmp_path / "ckpt.pth")

@@ -111,6 +111,22 @@ def test_refuses_to_overwrite_a_run_without_resume(synthetic_root, tmp_path):
         train(tiny_config(synthetic_root, tmp_path / "run", max_steps=1), progress=False)
 
 
+def test_resume_of_a_finished_run_says_so_and_rewrites_nothing(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(synthetic_root, out, max_steps=2, use_reg=False)
+    train(cfg, progress=False)
+    files = [out / "checkpoints" / "final.pth", out / "checkpoints" / "last.pth", out / "config.json",
+             out / "env.json", out / "log.jsonl"]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    capsys.readouterr()
+    result = train(cfg, resume=True, progress=False)
+    assert (result.step, result.checkpoint) == (2, out / "checkpoints" / "final.pth")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
+    assert f"--resume: the run in {out} finished at step 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_steps: 2 -> 3"):  # another config is still refused, named
+        train(dataclasses.replace(cfg, max_steps=3), resume=True, progress=False)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_state(synthetic_root, tmp_path, monkeypatch):
     from locbe import losses
 

@@ -34,8 +34,9 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
     d.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
-    d.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=np.ascontiguousarray(image),
-                           compat=params.bi_compat)
+    # pydensecrf takes a writable buffer only: a read-only image (np.asarray of a PIL image) is copied
+    rgb = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    d.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=rgb, compat=params.bi_compat)
     return np.asarray(d.inference(params.n_iter), dtype=np.float32).reshape(c, h, w)
 
 

@@ -11,7 +11,9 @@ training: val at a single scale with the image resized to the crop size, CAM / a
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,8 +265,11 @@ def trivial_baselines(dataset, num_classes: int, max_images: int | None = None) 
     return {k: v.compute() for k, v in cms.items()}
 
 
-def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int | None, device):
-    """Our checkpoints carry their config; the authors' need --backbone / --num-classes (defaults: ViT-B, 21)."""
+def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int | None, device,
+                        dataset_classes: int = 21):
+    """Our checkpoints carry their config; the authors' and ToCo's take --backbone (default ViT-B/16) and
+    --num-classes (default: the dataset's, ``dataset_classes``). What of the file is not loaded (ToCo's
+    training-only heads) is said on one line."""
     from locbe.models import build_model
     from locbe.models.checkpoint import load_state, read_checkpoint
 
@@ -272,9 +277,11 @@ def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int 
     obj = read_checkpoint(path)  # read once: the config (ours) and the weights
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
     backbone = backbone or (config or {}).get("backbone", "vit_base_patch16_224")
-    num_classes = num_classes or (config or {}).get("num_classes", 21)
+    num_classes = num_classes or (config or {}).get("num_classes", dataset_classes)
     model = build_model(backbone, num_classes=num_classes)
-    load_state(model, obj, path, strict=True)
+    note = load_state(model, obj, path, strict=True).note()
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{path}: {note}", file=sys.stderr)
     return model.to(device).eval(), config
 
 
@@ -282,12 +289,14 @@ def run(args) -> int:
     """`locbe eval` (arguments: locbe/eval/cli.py)."""
     from locbe.config import get_preset
     from locbe.data import COCO_CLASSES, VOC_CLASSES, build_dataset
+    from locbe.data.voc import DATASET_CLASSES
     from locbe.device import resolve_device
     from locbe.eval.sharded import fingerprint, init_from_env
 
     device = resolve_device(args.device)
     shard = init_from_env(device)
-    model, config = load_model_for_eval(args.checkpoint, args.backbone, args.num_classes, device)
+    model, config = load_model_for_eval(args.checkpoint, args.backbone, args.num_classes, device,
+                                        dataset_classes=DATASET_CLASSES[args.dataset])
     ds = build_dataset(args.dataset, args.data_root, args.split, train=False, num_classes=model.num_classes)
     cam_cfg = get_preset("coco" if args.dataset == "coco" else "voc")
     out = args.out or Path(args.checkpoint).parent

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 
 from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
 from locbe.errors import ConfigError
@@ -69,12 +70,12 @@ def add_arguments(p, argv=()) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
+    mapping = {"data_root": args.data_root, "pretrained": args.pretrained, "out_dir": args.out,
+               "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": args.seed,
+               "device": args.device, "num_workers": args.num_workers, "backbone": args.backbone,
+               "fidelity": args.fidelity}
     try:
         cfg = get_preset(args.preset)
-        mapping = {"data_root": args.data_root, "pretrained": args.pretrained, "out_dir": args.out,
-                   "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": args.seed,
-                   "device": args.device, "num_workers": args.num_workers, "backbone": args.backbone,
-                   "fidelity": args.fidelity}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in mapping.items() if v is not None})
         for flag, name in (("no_loc", "use_loc"), ("no_be", "use_be"), ("no_sc", "use_sc"), ("no_reg", "use_reg")):
             if getattr(args, flag):
@@ -83,7 +84,11 @@ def config_from_args(args) -> TrainConfig:
             if getattr(args, flag):
                 cfg = dataclasses.replace(cfg, **{flag: True})
         return apply_overrides(cfg, args.overrides)
-    except ConfigError:
+    except ConfigError as e:
+        key = getattr(e, "key", None)  # a flag's value out of range: name the flag, not the config key
+        if key in mapping and key not in {item.split("=", 1)[0].strip() for item in args.overrides}:
+            flag = "--out" if key == "out_dir" else "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {shlex.quote(str(mapping[key]))}: {key} takes {e.expected}") from None
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e

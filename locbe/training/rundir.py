@@ -77,6 +77,18 @@ def check_same_config(out_dir: str | Path, cfg: TrainConfig, action: str) -> Non
                           "settings, or --force-new to move the old run aside and start over, or another --out")
 
 
+def finished_step(cfg: TrainConfig) -> int | None:
+    """The step of ``<out>/checkpoints/final.pth`` when ``cfg.out_dir`` holds a finished run of this config
+    (``ConfigError`` if it was made with another), else None: ``--resume`` there has nothing to do."""
+    _, final = checkpoint_paths(cfg.out_dir)
+    if not final.is_file():
+        return None
+    check_same_config(cfg.out_dir, cfg, "resume")
+    import torch
+
+    return int(torch.load(final, map_location="meta", weights_only=True, mmap=True)["step"])
+
+
 def prepare(cfg: TrainConfig, *, resume: bool, force_new: bool, is_main: bool) -> None:
     """Check that this invocation may use ``cfg.out_dir`` and tidy it (rank 0 writes); raises otherwise."""
     out = Path(cfg.out_dir)
