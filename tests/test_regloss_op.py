@@ -262,6 +262,31 @@ def test_first_use_build_is_keyed_by_sources(tmp_path, monkeypatch):
     assert build.build_key(False) != key
 
 
+def test_a_second_copy_of_the_sources_reuses_the_build_without_recompiling(tmp_path):
+    """Same sources at another path (another checkout, an installed copy) = same key = the same library file,
+    not a rebuild: ninja's build file names the staged copy in the cache folder, never the caller's path.
+    (Compiling from the caller's path made two checkouts rebuild the shared library in turn, minutes each.)"""
+    from locbe.regloss import build
+
+    copy = tmp_path / "other_checkout_cuda"
+    shutil.copytree(build.source_dir(), copy)
+    env = {k: v for k, v in os.environ.items() if k != "LOCBE_CUDA_SRC"}
+    code = ("from locbe.regloss import build; build.load_extension(False); lib = build.library_path(False); "
+            "print(lib, lib.stat().st_mtime_ns)")
+
+    def load(extra):
+        run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                             text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout.split()[-2:], run.stderr
+
+    (lib, built), _ = load({})  # builds here only when this cache has not got the library yet
+    (lib_b, mtime_b), stderr = load({"LOCBE_CUDA_SRC": str(copy)})
+    assert lib_b == lib and mtime_b == built, "the library was rebuilt for a second copy of the same sources"
+    assert "compiling" not in stderr
+    assert (Path(lib).parent / "src" / "lattice_cpu.cpp").read_bytes() == (copy / "lattice_cpu.cpp").read_bytes()
+
+
 @pytest.mark.slow
 def test_non_editable_install_runs_the_op_from_another_directory(tmp_path):
     """`pip install .` (not editable) of the tracked tree into its own directory, then the op from an unrelated cwd.

@@ -50,11 +50,6 @@ def _check_compiler() -> None:
                            "install g++ (e.g. apt-get install g++) or set CXX")
 
 
-def _sources(cuda: bool) -> list[Path]:
-    src = source_dir()
-    return [src / "lattice_cpu.cpp"] + ([src / "lattice_cuda.cu"] if cuda else [])
-
-
 def build_key(cuda: bool, archs: str | None = None) -> str:
     """Hash of every source file, the flags and the toolchain versions that the library depends on."""
     import torch
@@ -89,15 +84,38 @@ def cpp_extension(cuda: bool):
     return module
 
 
+def _stage_sources(build_directory: Path) -> Path:
+    """Copy the kernel sources into ``<build_directory>/src`` (once) and return that folder.
+
+    ninja's build file names the source paths, so compiling straight from ``source_dir()`` made every other
+    checkout or installed copy of the same sources (same key, same cache folder) rebuild the library, and two
+    of them in turn rebuilt it again and again. From the build folder's own copy the command is the same
+    whoever builds. A file is written only when absent (atomically, so a concurrent builder reads the old or
+    the new file, never half of one): rewriting it would make it newer than the library and ninja would
+    rebuild. Its content is the cached one by construction, since the folder's key hashes the sources."""
+    staged = build_directory / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in source_dir().iterdir() if p.suffix in SOURCE_SUFFIXES):
+        dest = staged / path.name
+        if not dest.is_file():
+            tmp = staged / f".{path.name}.{os.getpid()}.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+    return staged
+
+
 def _load(name: str, cuda: bool, build_directory: Path, verbose: bool = False) -> Path:
     load = cpp_extension(cuda).load
-    kwargs = dict(name=name, sources=[str(s) for s in _sources(cuda)],
-                  extra_cflags=CFLAGS + (["-DWITH_CUDA"] if cuda else []), extra_ldflags=LDFLAGS,
-                  extra_include_paths=[str(source_dir())], verbose=verbose, is_python_module=False,
+    src = _stage_sources(build_directory)
+    sources = ["lattice_cpu.cpp"] + (["lattice_cuda.cu"] if cuda else [])
+    # copies of the flag lists: torch's load appends to them in place, which changed build_key() (it hashes
+    # them) after the first load, so library_path() then named a folder that was never built
+    kwargs = dict(name=name, sources=[str(src / s) for s in sources],
+                  extra_cflags=CFLAGS + (["-DWITH_CUDA"] if cuda else []), extra_ldflags=list(LDFLAGS),
+                  extra_include_paths=[str(src)], verbose=verbose, is_python_module=False,
                   build_directory=str(build_directory))
     if cuda:
-        kwargs["extra_cuda_cflags"] = CUDA_CFLAGS
-    build_directory.mkdir(parents=True, exist_ok=True)
+        kwargs["extra_cuda_cflags"] = list(CUDA_CFLAGS)
     load(**kwargs)  # builds if needed (ninja, under a file lock) and loads the library: registers torch.ops.locbe
     return build_directory / f"{name}.so"
 
