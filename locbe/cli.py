@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-layout": ("locbe.data.voc_layout", "write a synthetic set laid out exactly like VOC 2012+SBD or COCO 2014"),
     "make-cls-labels": ("locbe.data.cls_labels", "write cls_labels_onehot.npy from segmentation masks"),
     "build-ext": ("locbe.regloss.build", "compile the regularized-loss extension (CPU, and CUDA if nvcc)"),
-    "train": ("locbe.training.cli", "train LOC-BE / ToCo (single process or under torchrun)"),
+    "train": ("locbe.train_command", "train LOC-BE / ToCo (single process or under torchrun)"),
     "eval": ("locbe.eval.cli", "evaluate a checkpoint: seg / CAM mIoU, multi-scale, dense CRF"),
     "reproduce": ("locbe.reproduce", "train -> eval -> report for a preset (smoke, voc, coco)"),
     "bench": ("locbe.bench", "run the benchmark suites and print a comparison table"),
