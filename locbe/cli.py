@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-cls-labels": ("locbe.data.cls_labels", "write cls_labels_onehot.npy from segmentation masks"),
     "check-data": ("locbe.data.check", "read every image and mask of a split; list every bad file at once"),
     "build-ext": ("locbe.regloss.build", "compile the regularized-loss extension (CPU, and CUDA if nvcc)"),
-    "train": ("locbe.training.cli", "train LOC-BE / ToCo (single process or under torchrun)"),
+    "train": ("locbe.train_command", "train LOC-BE / ToCo (single process or under torchrun)"),
     "eval": ("locbe.eval.cli", "evaluate a checkpoint: seg / CAM mIoU, multi-scale, dense CRF"),
     "reproduce": ("locbe.reproduce", "train -> eval -> report for a preset (smoke, voc, coco)"),
     "compare": ("locbe.compare", "compare runs or reports over seeds: differences of means, Welch's t-test"),

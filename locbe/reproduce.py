@@ -68,8 +68,9 @@ def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progre
     from locbe.data import build_dataset
     from locbe.device import resolve_device
     from locbe.eval.evaluate import EvalOptions, evaluate, load_model_for_eval
-    from locbe.eval.sharded import barrier, current_shard
+    from locbe.eval.sharded import barrier
     from locbe.fileio import atomic_write_json
+    from locbe.ranks import current_ranks
 
     out = checkpoint.parent.parent / "eval" / f"{key}.json"
     # tensors mapped to the meta device: only the step is read, not the weights and optimiser state
@@ -89,7 +90,7 @@ def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progre
                                    resume_dir=parts, tag=f"{checkpoint.name}:{step}", **opts),
                        device=device, cam_cfg=cfg)
     results["checkpoint_step"] = step
-    if current_shard().is_main:
+    if current_ranks().is_main:
         atomic_write_json(out, results)
         shutil.rmtree(parts, ignore_errors=True)
     barrier()
@@ -106,9 +107,9 @@ _EVAL_CAPS: dict = {}
 
 
 def _is_main() -> bool:
-    from locbe.eval.sharded import current_shard
+    from locbe.ranks import current_ranks
 
-    return current_shard().is_main
+    return current_ranks().is_main
 
 
 def _env(run_dir: Path) -> dict:

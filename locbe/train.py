@@ -31,10 +31,10 @@ import torch
 from locbe.config import TrainConfig
 from locbe.data.check import check_before_training
 from locbe.errors import DataError, NonFiniteLossError, one_line
+from locbe.ranks import RankInfo
 from locbe.training import rundir
 from locbe.training.checkpoint import environment_info, load_training_state, save_checkpoint
 from locbe.training.distributed import (
-    DistInfo,
     any_rank,
     average_gradients,
     barrier,
@@ -200,7 +200,7 @@ def log_step(out_dir: Path, step: int, lr: float, seconds: float, losses: dict[s
     bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k in ("total", "cls", "seg", "be", "loc")})
 
 
-def periodic_validation(net, cfg: TrainConfig, device, info: DistInfo, step: int, out_dir: Path) -> None:
+def periodic_validation(net, cfg: TrainConfig, device, info: RankInfo, step: int, out_dir: Path) -> None:
     """CAM, aux-CAM and seg mIoU on the val split at single scale (rank 0 only), appended to val.jsonl."""
     if not info.is_main:
         return

@@ -65,12 +65,13 @@ def test_two_process_evaluation_equals_single_process(setup):
 
 
 def test_chunks_are_dealt_round_robin_and_cover_the_list():
-    from locbe.eval.sharded import Shard, chunks, crf_workers, my_chunks
+    from locbe.eval.sharded import chunks, crf_workers, my_chunks
+    from locbe.ranks import RankInfo
 
     assert chunks(7, 2) == [[0, 1], [2, 3], [4, 5], [6]]
-    r0, r1 = my_chunks(7, 2, Shard(0, 2)), my_chunks(7, 2, Shard(1, 2))
+    r0, r1 = my_chunks(7, 2, RankInfo(0, 2)), my_chunks(7, 2, RankInfo(1, 2))
     assert r0 == [[0, 1], [4, 5]] and r1 == [[2, 3], [6]]
     for n, b, w in ((1, 1, 3), (10, 3, 4), (5, 8, 2)):
-        seen = sorted(i for r in range(w) for c in my_chunks(n, b, Shard(r, w)) for i in c)
+        seen = sorted(i for r in range(w) for c in my_chunks(n, b, RankInfo(r, w)) for i in c)
         assert seen == list(range(n))
-    assert crf_workers(3, Shard()) == 3 and crf_workers(None, Shard(0, 8, 8)) >= 1
+    assert crf_workers(3, RankInfo()) == 3 and crf_workers(None, RankInfo(0, 8, local_world_size=8)) >= 1

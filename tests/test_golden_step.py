@@ -1,4 +1,4 @@
-"""locbe's training step against a trace of the authors' code (tests/golden/authors_step_vitb_128.pt).
+"""locbe's training step against traces of the authors' code (tests/golden/authors_step_vitb_128*.pt).
 
 The trace was measured by running their VOC training loop once (LOC term left out) on a ViT-B/16
 whose weights are a pure function of the state-dict key names, so this test rebuilds the same
@@ -11,6 +11,11 @@ Tolerances: both sides run the same float32 maths in a different operation order
 theirs, fused vs explicit attention), about 1e-7 relative per op; terms 1e-5 and gradients 1e-4
 relative, as issue 10 states. Pseudo labels come from an argmax after 10 PAR iterations, so a pixel
 whose two best classes tie within float noise may flip: >= 99.99 % must agree.
+
+Two traces, same weights, photos and labels: ``full_box`` (both valid boxes cover the crop) and
+``partial_box`` (the second image's box is [16, 128, 32, 128], as after padding). Only the second can
+tell the authors' pixel box on the patch grid from the mapped one, and it checks the box cut out of
+the CAMs before PAR (issue 19).
 """
 
 from __future__ import annotations
@@ -30,13 +35,17 @@ from locbe.regloss import RegularizedLoss
 from locbe.step import training_step
 from locbe.train import build_optimizer, lr_multiplier
 
-GOLDEN = Path(__file__).parent / "golden" / "authors_step_vitb_128.pt"
+GOLDEN_DIR = Path(__file__).parent / "golden"
+TRACES = {"full_box": "authors_step_vitb_128.pt", "partial_box": "authors_step_vitb_128_box.pt"}
 STEPS = (0, 5000)
+SIDE = 128
 
 
-@pytest.fixture(scope="module")
-def golden():
-    return torch.load(GOLDEN, weights_only=True)
+@pytest.fixture(scope="module", params=list(TRACES))
+def golden(request):
+    trace = torch.load(GOLDEN_DIR / TRACES[request.param], weights_only=True)
+    trace["name"] = request.param
+    return trace
 
 
 def deterministic_weights(shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
@@ -78,6 +87,16 @@ def traces(request, golden, model):
         grads = {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()}
         out[n_iter] = (step, grads)
     return out
+
+
+def test_trace_boxes(golden):
+    """Each trace holds the boxes its name says: with full boxes only, the box paths look alike."""
+    boxes = golden["img_box"].tolist()
+    assert boxes[0] == [0, SIDE, 0, SIDE]
+    if golden["name"] == "full_box":
+        assert boxes[1] == [0, SIDE, 0, SIDE]
+    else:
+        assert boxes[1] == [16, SIDE, 32, SIDE]
 
 
 def rel(a: float, b: float) -> float:

@@ -111,15 +111,15 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
         add_sparse,
         all_reduce_matrices,
         crf_workers,
-        current_shard,
         my_chunks,
         sparse_confusion,
     )
+    from locbe.ranks import current_ranks
 
     device = torch.device(device)
     model.eval()
     protocol = get_protocol(opts.protocol)
-    shard = current_shard()
+    shard = current_ranks()
     n = len(dataset) if opts.max_images is None else min(opts.max_images, len(dataset))
     batch_size = opts.batch_size or (8 if device.type == "cuda" else 1)
     scales = protocol.seg_scales if opts.multi_scale else (1.0,)
@@ -291,10 +291,11 @@ def run(args) -> int:
     from locbe.data import COCO_CLASSES, VOC_CLASSES, build_dataset
     from locbe.data.voc import DATASET_CLASSES
     from locbe.device import resolve_device
-    from locbe.eval.sharded import fingerprint, init_from_env
+    from locbe.eval.sharded import fingerprint
+    from locbe.ranks import join_process_group
 
     device = resolve_device(args.device)
-    shard = init_from_env(device)
+    shard = join_process_group(cuda=device.type == "cuda")
     model, config = load_model_for_eval(args.checkpoint, args.backbone, args.num_classes, device,
                                         dataset_classes=DATASET_CLASSES[args.dataset])
     ds = build_dataset(args.dataset, args.data_root, args.split, train=False, num_classes=model.num_classes)

@@ -20,56 +20,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from locbe.device import cpu_cores
 from locbe.fileio import atomic_write_json
-
-
-@dataclass(frozen=True)
-class Shard:
-    rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def current_shard() -> Shard:
-    """The torch.distributed rank and world size when a process group is up (torchrun), else one process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        return Shard(dist.get_rank(), dist.get_world_size(), local)
-    return Shard()
-
-
-def init_from_env(device: torch.device) -> Shard:
-    """Join the torchrun process group (NCCL for CUDA, gloo on CPU) if launched by torchrun and not joined yet."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return current_shard()
+from locbe.ranks import RankInfo
 
 
 def chunks(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
 
 
-def my_chunks(n: int, batch_size: int, shard: Shard) -> list[list[int]]:
+def my_chunks(n: int, batch_size: int, shard: RankInfo) -> list[list[int]]:
     return [c for k, c in enumerate(chunks(n, batch_size)) if k % shard.world_size == shard.rank]
 
 
-def crf_workers(requested: int | None, shard: Shard) -> int:
+def crf_workers(requested: int | None, shard: RankInfo) -> int:
     """CRF processes for this rank: as asked, else the CPU cores shared among the node's ranks."""
     if requested is not None:
         return max(1, int(requested))
@@ -100,7 +69,7 @@ def fingerprint(obj) -> str:
 class RecordStore:
     """Per-image confusion records of one evaluation, appended as they are made (see module docstring)."""
 
-    def __init__(self, folder: Path | None, shard: Shard, meta: dict):
+    def __init__(self, folder: Path | None, shard: RankInfo, meta: dict):
         self.folder, self.shard = folder, shard
         self.done: dict[int, dict] = {}
         self._file = None

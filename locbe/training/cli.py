@@ -1,4 +1,6 @@
-"""`locbe train` arguments and entry point. Imports no torch: ``locbe train --help`` stays instant.
+"""`locbe train` arguments and the config they make. Imports no torch: ``locbe train --help`` stays instant.
+The command's ``run`` is in ``locbe/train_command.py`` (modules of ``locbe/training/`` do not import
+``locbe/train.py``, the loop they are parts of).
 
 Defaults shown by ``--help`` are those of the chosen ``--preset`` (``locbe train --preset smoke --help``).
 """
@@ -7,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import shlex
 
 from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
@@ -92,25 +92,3 @@ def config_from_args(args) -> TrainConfig:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
-
-
-def run(args) -> int:
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    import torch.distributed as dist
-
-    from locbe.train import train
-
-    try:
-        result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new,
-                       progress=not args.no_progress, check_data=not args.no_check_data)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: step {result.step}, checkpoint {result.checkpoint}")
-        if result.last_losses:
-            print("last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.last_losses.items())))
-    return 0

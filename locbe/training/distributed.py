@@ -8,40 +8,25 @@ and equals DDP's gradient mean.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
 from locbe.errors import LocbeError
+from locbe.ranks import RankInfo, join_process_group
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def setup_distributed(device_pref: str) -> tuple[RankInfo, torch.device]:
+    """This process's ranks (joining torchrun's process group when launched by it) and its device."""
     want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise LocbeError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
-    if world == 1:
-        return DistInfo(), torch.device("cuda" if want_cuda else "cpu")
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    if want_cuda:
-        torch.cuda.set_device(info.local_rank)
-        return info, torch.device("cuda", info.local_rank)
-    return info, torch.device("cpu")
+    info = join_process_group(cuda=want_cuda)
+    if not want_cuda:
+        return info, torch.device("cpu")
+    if info.world_size == 1:
+        return info, torch.device("cuda")
+    torch.cuda.set_device(info.local_rank)
+    return info, torch.device("cuda", info.local_rank)
 
 
 def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from locbe.config import TrainConfig
 from locbe.errors import DataError
-from locbe.training.distributed import DistInfo
+from locbe.ranks import RankInfo
 from locbe.training.signals import ignore_interrupt_in_worker
 
 
@@ -24,7 +24,7 @@ class _ShardFromOffset(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def epoch_batches(dataset, cfg: TrainConfig, info: DistInfo, epoch: int, skip_batches: int):
+def epoch_batches(dataset, cfg: TrainConfig, info: RankInfo, epoch: int, skip_batches: int):
     """DataLoader over this rank's shard of ``epoch`` (reshuffled per epoch by the seed)."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
@@ -38,7 +38,7 @@ def epoch_batches(dataset, cfg: TrainConfig, info: DistInfo, epoch: int, skip_ba
         persistent_workers=False, worker_init_fn=ignore_interrupt_in_worker if cfg.num_workers else None)
 
 
-def batches_per_epoch(dataset, cfg: TrainConfig, info: DistInfo) -> int:
+def batches_per_epoch(dataset, cfg: TrainConfig, info: RankInfo) -> int:
     per_rank = len(dataset) // info.world_size
     n = per_rank // cfg.batch_size
     if n == 0:
