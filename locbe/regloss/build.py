@@ -93,14 +93,15 @@ def _stage_sources(build_directory: Path) -> Path:
     whoever builds. A file is written only when absent (atomically, so a concurrent builder reads the old or
     the new file, never half of one): rewriting it would make it newer than the library and ninja would
     rebuild. Its content is the cached one by construction, since the folder's key hashes the sources."""
+    from locbe.fileio import atomic_path
+
     staged = build_directory / "src"
     staged.mkdir(parents=True, exist_ok=True)
     for path in sorted(p for p in source_dir().iterdir() if p.suffix in SOURCE_SUFFIXES):
         dest = staged / path.name
         if not dest.is_file():
-            tmp = staged / f".{path.name}.{os.getpid()}.tmp"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(path, tmp)
     return staged
 
 
