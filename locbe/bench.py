@@ -163,9 +163,10 @@ def table(current: dict[str, dict], previous: dict[str, dict] | None) -> str:
         row = {"benchmark": name, "mean s": r["mean_s"]}
         for key in ("images_per_s", "peak_mb", "peak_over_S", "workspace_over_S", "speedup_vs_plain",
                     "speedup_cam_bf16_vs_plain", "plain_vs_authors", "fast_vs_authors", "reg_loss_share",
-                    "peak_vs_plain", "loss_rel_diff_vs_plain", "max_rel_err", "passive_busy_over_quiet",
-                    "default_busy_over_quiet", "quiet_passive_over_default", "passive_op_busy_over_quiet",
-                    "default_op_busy_over_quiet"):
+                    "peak_vs_plain", "loss_rel_diff_vs_plain", "max_rel_err", "locbe_busy_over_quiet",
+                    "passive_busy_over_quiet", "default_busy_over_quiet", "quiet_locbe_over_default",
+                    "quiet_passive_over_default", "locbe_op_busy_over_quiet", "passive_op_busy_over_quiet",
+                    "default_op_busy_over_quiet", "neighbour_arrives_later_busy_over_quiet"):
             if key in r:
                 row[key] = r[key]
         if previous and name in previous:

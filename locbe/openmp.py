@@ -1,32 +1,103 @@
-"""OpenMP settings for machines whose cores are shared with other jobs, applied before torch loads.
+"""How OpenMP threads wait, chosen from the machine's load when ``locbe`` starts, before torch loads.
 
-torch (ATen, MKL) and the lattice op run their CPU work on GNU OpenMP thread pools. By default a libgomp
-thread that waits at a barrier spins for a while before it sleeps; when another process holds the core
-that the barrier waits for, the spinning threads burn the time slices the late thread needs, and smoke
-training beside one busy neighbour ran 3-4.6x slower (issue 17). ``OMP_WAIT_POLICY=PASSIVE`` makes the
-waiting threads sleep at once. It changes no arithmetic (same threads, same reduction order): only who
-waits how. libgomp reads its environment once, when the library loads (with torch), so the ``locbe``
-command sets it first thing; DataLoader workers, torchrun workers and subprocesses inherit it.
-docs/benchmarks.md "Shared cores" has the measurements.
+torch (ATen, MKL) and the lattice op run their CPU work on GNU OpenMP thread pools. Between two parallel
+regions a libgomp thread spins for a while before it sleeps. On an idle machine that spin is what makes
+small steps fast: the thread catches the next region a few microseconds later without being woken. Beside
+another busy process it is what makes them slow: the spinning threads take the time slices the late thread
+and the neighbour need, and smoke training beside one busy neighbour ran 3-4.6x slower (issue 17).
+No one setting is right for both (docs/benchmarks.md "Shared cores"): a bounded spin of ~20 us
+(``GOMP_SPINCOUNT=2000``) keeps the idle speed; sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) keeps a shared
+machine's. libgomp reads its settings once, when it loads with torch, so the ``locbe`` command measures how
+much CPU other processes use over a fifth of a second and picks one. Neither changes arithmetic (same
+threads, same reduction order: only who waits how). A user who set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
+chose already: locbe leaves them alone. DataLoader workers, torchrun workers and subprocesses inherit the
+choice; ``LOCBE_OMP_WAIT`` says what was chosen and why (runs record it in env.json).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from dataclasses import dataclass
 
-# what locbe sets when the user set none of WAIT_POLICY_VARIABLES
-SHARED_CORE_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+IDLE_SETTINGS = {"GOMP_SPINCOUNT": "2000"}  # spin ~20 us, then sleep
+BUSY_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}  # sleep at once
+BUSY_FROM_CORES = 0.5  # other processes' CPU use (cores' worth) from which the machine counts as shared
+SAMPLE_SECONDS = 0.2
 # a user who set any of these has chosen how OpenMP threads wait: locbe leaves all of them alone
 WAIT_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+CHOICE_VARIABLE = "LOCBE_OMP_WAIT"
 
 
-def apply_shared_core_defaults(environ=None) -> dict[str, str]:
-    """Set ``SHARED_CORE_DEFAULTS`` in ``environ`` (``os.environ``) unless the user chose a wait policy, and
-    only while torch is not loaded yet (after that the OpenMP runtime has read its settings, and changing the
-    environment would only surprise the caller). Returns what was set."""
+@dataclass(frozen=True)
+class CpuSample:
+    """Clock ticks from /proc: all CPUs this process may run on (busy and in all), and this process's own."""
+
+    busy: int
+    total: int
+    own: int
+    cpus: int
+
+
+def read_cpu_sample(proc: str = "/proc") -> CpuSample | None:
+    """None where /proc/stat is not Linux's (then the load is unknown)."""
+    try:
+        allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        busy = total = 0
+        with open(f"{proc}/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name not in allowed:
+                    continue
+                # user nice system idle iowait irq softirq steal (guest time is inside user already)
+                ticks = [int(v) for v in fields[:8]] + [0] * (8 - len(fields[:8]))
+                busy += ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+                total += sum(ticks)
+        with open(f"{proc}/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        own = int(after_name[11]) + int(after_name[12])  # utime, stime: fields 14 and 15 of proc(5)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return CpuSample(busy, total, own, len(allowed)) if total else None
+
+
+def cores_used_by_others(before: CpuSample, after: CpuSample) -> float | None:
+    """Cores' worth of CPU time the other processes used between two samples (None: too short to tell)."""
+    elapsed = (after.total - before.total) / max(after.cpus, 1)  # ticks of wall time
+    if elapsed <= 0:
+        return None
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return max(others, 0) / elapsed
+
+
+def measure_cores_used_by_others(seconds: float = SAMPLE_SECONDS) -> tuple[float | None, int | None]:
+    before = read_cpu_sample()
+    if before is None:
+        return None, None
+    time.sleep(seconds)
+    after = read_cpu_sample()
+    return (None, before.cpus) if after is None else (cores_used_by_others(before, after), after.cpus)
+
+
+def choose_wait_settings(others: float | None, cpus: int | None) -> tuple[dict[str, str], str]:
+    """The settings for a machine where other processes use ``others`` cores (None: unknown), and why."""
+    if others is None:
+        return dict(BUSY_SETTINGS), "load unknown"
+    seen = f"other processes used {others:.2f} of {cpus} cores"
+    if others >= BUSY_FROM_CORES:
+        return dict(BUSY_SETTINGS), f"shared machine: {seen}"
+    return dict(IDLE_SETTINGS), f"idle machine: {seen}"
+
+
+def apply_shared_core_defaults(environ=None, measure=measure_cores_used_by_others) -> dict[str, str]:
+    """Set the wait settings for this machine's load in ``environ`` (``os.environ``) unless the user chose a
+    wait policy, and only while torch is not loaded yet (after that the OpenMP runtime has read its settings,
+    and changing the environment would only surprise the caller). Returns what was set."""
     environ = os.environ if environ is None else environ
     if "torch" in sys.modules or any(name in environ for name in WAIT_POLICY_VARIABLES):
         return {}
-    environ.update(SHARED_CORE_DEFAULTS)
-    return dict(SHARED_CORE_DEFAULTS)
+    settings, why = choose_wait_settings(*measure())
+    chosen = {**settings, CHOICE_VARIABLE: f"{' '.join(f'{k}={v}' for k, v in settings.items())} ({why})"}
+    environ.update(chosen)
+    return chosen

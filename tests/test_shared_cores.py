@@ -1,7 +1,8 @@
-"""The ``locbe`` command sets a passive OpenMP wait policy before torch loads, unless the user chose one
-(locbe/openmp.py; timings in benchmarks/test_bench_cores.py). GNU OpenMP prints the settings it read when
-it loads with ``OMP_DISPLAY_ENV=VERBOSE``: that is what the runtime saw, not what the environment holds later.
-Its wait-policy line reads PASSIVE when nothing is set, so the spin count tells the cases apart (0: passive)."""
+"""The ``locbe`` command picks the OpenMP wait settings from the machine's load before torch loads, unless the
+user chose them (locbe/openmp.py; timings in benchmarks/test_bench_cores.py). GNU OpenMP prints the settings
+it read when it loads with ``OMP_DISPLAY_ENV=VERBOSE``: that is what the runtime saw, not what the environment
+holds later. Its wait-policy line reads PASSIVE when nothing is set, so the spin count tells the cases apart
+(0: passive, 2000: locbe's bounded spin, 300000: libgomp's own)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,28 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+
+from locbe.openmp import (
+    BUSY_FROM_CORES,
+    CHOICE_VARIABLE,
+    WAIT_POLICY_VARIABLES,
+    CpuSample,
+    choose_wait_settings,
+    cores_used_by_others,
+    measure_cores_used_by_others,
+    read_cpu_sample,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def fresh_env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_POLICY_VARIABLES + (CHOICE_VARIABLE,)}
     return {**env, "PYTHONPATH": str(REPO), "OMP_DISPLAY_ENV": "VERBOSE", **extra}
 
 
@@ -39,12 +53,90 @@ def locbe_runtime_settings(tmp_path, **extra) -> tuple[str, str]:
     return runtime_settings(proc.stderr)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="GNU OpenMP display of the runtime settings")
-def test_locbe_sets_passive_wait_policy_before_torch_loads(tmp_path):
+class Spinner:
+    """Another process holding a core, started a second before the block runs."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="GNU OpenMP display of the runtime settings, /proc/stat")
+def test_locbe_sleeps_at_once_beside_a_busy_process(tmp_path):
     plain = subprocess.run([sys.executable, "-c", "import torch"], env=fresh_env(), capture_output=True, text=True,
                            timeout=300, check=True)
-    assert runtime_settings(plain.stderr)[1] != "0"  # torch alone: threads spin before they sleep
-    assert locbe_runtime_settings(tmp_path) == ("PASSIVE", "0")
+    assert runtime_settings(plain.stderr)[1] not in ("0", "2000")  # torch alone: libgomp's own long spin
+    assert locbe_runtime_settings(tmp_path)[1] in ("0", "2000")  # locbe's choice reached the runtime
+    with Spinner():
+        assert locbe_runtime_settings(tmp_path) == ("PASSIVE", "0")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/stat")
+def test_measured_load_counts_other_processes_not_this_one():
+    with Spinner():
+        others, cpus = measure_cores_used_by_others(0.5)
+    assert cpus == len(os.sched_getaffinity(0))
+    assert others >= BUSY_FROM_CORES, others  # one spinning process: about one core
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:  # this process's own spinning thread uses a core, and is left out
+        others, _ = measure_cores_used_by_others(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert others < 0.9, others
+
+
+def fake_proc(tmp_path, per_cpu: list[list[int]], own: tuple[int, int]) -> Path:
+    """A /proc with one line per CPU of ours (user nice system idle iowait irq softirq steal) and our utime/stime."""
+    cpus = sorted(os.sched_getaffinity(0))
+    lines = ["cpu " + " ".join(str(sum(col)) for col in zip(*per_cpu))]
+    lines += [f"cpu{i} " + " ".join(map(str, per_cpu[k % len(per_cpu)])) for k, i in enumerate(cpus)]
+    lines += [f"cpu{max(cpus) + 1} 1000 1000 1000 0 0 0 0 0", "intr 1 2 3", "ctxt 99"]  # a CPU we may not use
+    (tmp_path / "self").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "stat").write_text("\n".join(lines) + "\n")
+    fields = ["S"] + ["0"] * 10 + [str(own[0]), str(own[1])] + ["0"] * 30
+    (tmp_path / "self" / "stat").write_text(f"123 (py (thon) 2) {' '.join(fields)}\n")
+    return tmp_path
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
+def test_read_cpu_sample_sums_our_cpus_and_our_ticks(tmp_path):
+    n = len(os.sched_getaffinity(0))
+    sample = read_cpu_sample(str(fake_proc(tmp_path, [[10, 1, 5, 80, 3, 1, 1, 2]], own=(7, 4))))
+    # busy = user + nice + system + irq + softirq + steal; idle and iowait are not; the extra CPU is left out
+    assert sample == CpuSample(busy=20 * n, total=103 * n, own=11, cpus=n)
+    assert read_cpu_sample(str(tmp_path / "missing")) is None
+
+
+def test_cores_used_by_others_from_two_samples():
+    before = CpuSample(busy=100, total=1000, own=10, cpus=2)
+    # 0.2 s at 100 ticks/s on 2 CPUs: 40 ticks in all; 25 busy of which 5 ours -> 20 ticks over 20 = 1 core
+    assert cores_used_by_others(before, CpuSample(busy=125, total=1040, own=15, cpus=2)) == pytest.approx(1.0)
+    assert cores_used_by_others(before, CpuSample(busy=105, total=1040, own=15, cpus=2)) == 0.0  # only ours
+    assert cores_used_by_others(before, before) is None  # no time passed: unknown
+
+
+@pytest.mark.parametrize("others,expected", [
+    (0.0, {"GOMP_SPINCOUNT": "2000"}), (BUSY_FROM_CORES - 0.01, {"GOMP_SPINCOUNT": "2000"}),
+    (BUSY_FROM_CORES, {"OMP_WAIT_POLICY": "PASSIVE"}), (1.0, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    (None, {"OMP_WAIT_POLICY": "PASSIVE"}),  # unknown load: the setting that cannot cost 3x
+])
+def test_choose_wait_settings(others, expected):
+    settings, why = choose_wait_settings(others, 2)
+    assert settings == expected
+    assert ("of 2 cores" in why) == (others is not None)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="GNU OpenMP display of the runtime settings")
@@ -55,17 +147,23 @@ def test_a_users_wait_policy_is_kept(tmp_path):
 
 
 SHOW = ("import os, sys; {pre}from locbe.openmp import apply_shared_core_defaults as a; "
-        "print(a(), os.environ.get('OMP_WAIT_POLICY'))")
+        "print(sorted(a(measure=lambda: ({others}, 2)).items()), os.environ.get('OMP_WAIT_POLICY'), "
+        "os.environ.get('GOMP_SPINCOUNT'))")
+IDLE = ("[('GOMP_SPINCOUNT', '2000'), ('LOCBE_OMP_WAIT', "
+        "'GOMP_SPINCOUNT=2000 (idle machine: other processes used 0.10 of 2 cores)')] None 2000")
+BUSY = ("[('LOCBE_OMP_WAIT', 'OMP_WAIT_POLICY=PASSIVE (shared machine: other processes used 1.00 of 2 cores)'), "
+        "('OMP_WAIT_POLICY', 'PASSIVE')] PASSIVE None")
 
 
-@pytest.mark.parametrize("extra,pre,expected", [
-    ({}, "", "{'OMP_WAIT_POLICY': 'PASSIVE'} PASSIVE"),
-    ({"GOMP_SPINCOUNT": "1000"}, "", "{} None"),  # the user tuned spinning: nothing is added
-    ({"OMP_WAIT_POLICY": "active"}, "", "{} active"),
-    ({}, "import torch; ", "{} None"),  # too late to matter: the environment is left as it is
+@pytest.mark.parametrize("extra,pre,others,expected", [
+    ({}, "", 0.1, IDLE),
+    ({}, "", 1.0, BUSY),
+    ({"GOMP_SPINCOUNT": "1000"}, "", 1.0, "[] None 1000"),  # the user tuned spinning: nothing is added
+    ({"OMP_WAIT_POLICY": "active"}, "", 0.1, "[] active None"),
+    ({}, "import torch; ", 1.0, "[] None None"),  # too late to matter: the environment is left as it is
 ])
-def test_apply_shared_core_defaults(extra, pre, expected):
+def test_apply_shared_core_defaults(extra, pre, others, expected):
     env = {k: v for k, v in fresh_env(**extra).items() if k != "OMP_DISPLAY_ENV"}
-    out = subprocess.run([sys.executable, "-c", SHOW.format(pre=pre)], env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", SHOW.format(pre=pre, others=others)], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.strip()
     assert out == expected

@@ -13,6 +13,7 @@ import torch
 from locbe.config import TrainConfig
 from locbe.errors import LocbeError
 from locbe.fileio import atomic_path
+from locbe.openmp import CHOICE_VARIABLE
 from locbe.training.rng import rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = 1
@@ -59,6 +60,7 @@ def environment_info(cfg: TrainConfig, device: torch.device, world_size: int) ->
         "numpy": np.__version__, "device": str(device), "world_size": world_size,
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "omp_wait_choice": os.environ.get(CHOICE_VARIABLE),
         "seed": cfg.seed, "deterministic": cfg.deterministic,
         "commit": commit, "config_hash": cfg.config_hash(), "argv": sys.argv,
     }
