@@ -40,8 +40,38 @@ class CpuSample:
     cpus: int
 
 
-def read_cpu_sample(proc: str = "/proc") -> CpuSample | None:
-    """None where /proc/stat is not Linux's (then the load is unknown)."""
+def _process_ticks(stat_text: str, children_too: bool) -> tuple[int, int]:
+    """(this process's CPU ticks, its parent pid) from a /proc/PID/stat text."""
+    fields = stat_text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and ")"
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    if children_too:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime: children that ended and were waited for
+    return ticks, int(fields[1])
+
+
+def _live_children_ticks(proc: str, pid: int) -> int:
+    """CPU ticks of the running descendants of ``pid`` (DataLoader workers and what they start)."""
+    parent_of, ticks_of = {}, {}
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat") as f:
+                ticks_of[int(entry)], parent_of[int(entry)] = _process_ticks(f.read(), children_too=False)
+        except (OSError, ValueError, IndexError):
+            continue  # ended while we looked
+    total = 0
+    for child in ticks_of:
+        ancestor = parent_of.get(child)
+        while ancestor not in (None, 0, pid):
+            ancestor = parent_of.get(ancestor)
+        total += ticks_of[child] if ancestor == pid and child != pid else 0
+    return total
+
+
+def read_cpu_sample(proc: str = "/proc", children_too: bool = False) -> CpuSample | None:
+    """None where /proc/stat is not Linux's (then the load is unknown). With ``children_too`` the process's
+    own ticks include those of its child processes, running or ended (DataLoader workers are ours)."""
     try:
         allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
         busy = total = 0
@@ -55,8 +85,9 @@ def read_cpu_sample(proc: str = "/proc") -> CpuSample | None:
                 busy += ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
                 total += sum(ticks)
         with open(f"{proc}/self/stat") as f:
-            after_name = f.read().rsplit(")", 1)[1].split()
-        own = int(after_name[11]) + int(after_name[12])  # utime, stime: fields 14 and 15 of proc(5)
+            own = _process_ticks(f.read(), children_too)[0]
+        if children_too:
+            own += _live_children_ticks(proc, os.getpid())
     except (OSError, ValueError, IndexError, AttributeError):
         return None
     return CpuSample(busy, total, own, len(allowed)) if total else None
@@ -101,3 +132,37 @@ def apply_shared_core_defaults(environ=None, measure=measure_cores_used_by_other
     chosen = {**settings, CHOICE_VARIABLE: f"{' '.join(f'{k}={v}' for k, v in settings.items())} ({why})"}
     environ.update(chosen)
     return chosen
+
+
+class LateNeighbourWatch:
+    """Tells once when other processes have come to use the CPUs of a run whose threads spin because the
+    machine was idle when it started: the choice is made once, and a neighbour that arrives later costs
+    such a run up to 2x (docs/benchmarks.md "Shared cores"). Checks at most every ``every_s`` seconds."""
+
+    def __init__(self, threads: int, world_size: int = 1, environ=None, every_s: float = 30.0,
+                 read=read_cpu_sample, clock=time.monotonic):
+        environ = os.environ if environ is None else environ
+        self.choice = environ.get(CHOICE_VARIABLE, "")
+        chose_spin = self.choice.startswith(f"GOMP_SPINCOUNT={IDLE_SETTINGS['GOMP_SPINCOUNT']} ")
+        # one thread never waits at a barrier; with torchrun the other ranks are ours but not our children
+        self.active = chose_spin and threads > 1 and world_size == 1
+        self.read, self.clock, self.every_s = read, clock, every_s
+        self.last = read(children_too=True) if self.active else None
+        self.at = clock()
+
+    def check(self) -> str | None:
+        if not self.active or self.clock() - self.at < self.every_s:
+            return None
+        sample = self.read(children_too=True)
+        others = None if self.last is None or sample is None else cores_used_by_others(self.last, sample)
+        self.last, self.at = sample, self.clock()
+        if others is None or others < BUSY_FROM_CORES:
+            return None
+        self.active = False
+        spin = self.choice.split(" (")[0]
+        return (f"locbe: other processes now use {others:.2f} of {sample.cpus} cores. This run's OpenMP threads "
+                f"spin before they sleep ({spin}, chosen when it started on an idle machine), which costs up to 2x "
+                "beside them; to make them "
+                "sleep at once, stop it (Ctrl-C keeps the state) and rerun the same command with "
+                "OMP_WAIT_POLICY=PASSIVE set and --resume")
+

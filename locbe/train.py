@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from locbe.config import TrainConfig
 from locbe.data.check import check_before_training
 from locbe.errors import DataError, NonFiniteLossError, one_line
+from locbe.openmp import LateNeighbourWatch
 from locbe.ranks import RankInfo
 from locbe.training import rundir
 from locbe.training.checkpoint import environment_info, load_training_state, save_checkpoint
@@ -98,6 +100,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
                        disable=not (progress and info.is_main))
     last_losses: dict[str, float] = {}
     t_start = time.perf_counter()
+    # a neighbour that arrives after the start meets the wait settings chosen at the start (locbe/openmp.py)
+    neighbour_watch = LateNeighbourWatch(torch.get_num_threads(), info.world_size) if (
+        info.is_main and device.type == "cpu") else None
 
     def save_and_stop(error: BaseException) -> None:
         """Keep the state after ``step`` (a step boundary), then raise ``error``."""
@@ -135,6 +140,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
                         last_losses = reduce_mean(loss_values(out), info.world_size, device)
                         if info.is_main:
                             log_step(out_dir, step, lr, time.perf_counter() - t_start, last_losses, bar)
+                        if neighbour_watch and (notice := neighbour_watch.check()):
+                            tqdm.write(notice, file=sys.stderr)
                     bar.update(1)
                     if info.is_main and (step % cfg.ckpt_every == 0 or step == stop_at):
                         save_checkpoint(last_path, net, optimizer, step, cfg)

@@ -21,6 +21,7 @@ from locbe.openmp import (
     CHOICE_VARIABLE,
     WAIT_POLICY_VARIABLES,
     CpuSample,
+    LateNeighbourWatch,
     choose_wait_settings,
     cores_used_by_others,
     measure_cores_used_by_others,
@@ -98,7 +99,7 @@ def test_measured_load_counts_other_processes_not_this_one():
     assert others < 0.9, others
 
 
-def fake_proc(tmp_path, per_cpu: list[list[int]], own: tuple[int, int]) -> Path:
+def fake_proc(tmp_path, per_cpu: list[list[int]], own: tuple[int, int], children=(0, 0)) -> Path:
     """A /proc with one line per CPU of ours (user nice system idle iowait irq softirq steal) and our utime/stime."""
     cpus = sorted(os.sched_getaffinity(0))
     lines = ["cpu " + " ".join(str(sum(col)) for col in zip(*per_cpu))]
@@ -106,9 +107,86 @@ def fake_proc(tmp_path, per_cpu: list[list[int]], own: tuple[int, int]) -> Path:
     lines += [f"cpu{max(cpus) + 1} 1000 1000 1000 0 0 0 0 0", "intr 1 2 3", "ctxt 99"]  # a CPU we may not use
     (tmp_path / "self").mkdir(parents=True, exist_ok=True)
     (tmp_path / "stat").write_text("\n".join(lines) + "\n")
-    fields = ["S"] + ["0"] * 10 + [str(own[0]), str(own[1])] + ["0"] * 30
+    fields = ["S"] + ["0"] * 10 + [str(own[0]), str(own[1]), str(children[0]), str(children[1])] + ["0"] * 30
     (tmp_path / "self" / "stat").write_text(f"123 (py (thon) 2) {' '.join(fields)}\n")
     return tmp_path
+
+
+def fake_process(proc: Path, pid: int, ppid: int, utime: int, stime: int) -> None:
+    (proc / str(pid)).mkdir()
+    fields = ["S", str(ppid)] + ["0"] * 9 + [str(utime), str(stime)] + ["0"] * 30
+    (proc / str(pid) / "stat").write_text(f"{pid} (worker) {' '.join(fields)}\n")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
+def test_read_cpu_sample_counts_our_children_as_ours_on_request(tmp_path):
+    proc = fake_proc(tmp_path, [[10, 1, 5, 80, 3, 1, 1, 2]], own=(7, 4), children=(4, 1))
+    me = os.getpid()
+    fake_process(proc, 500, me, 3, 2)  # a DataLoader worker
+    fake_process(proc, 501, 500, 1, 1)  # something the worker started
+    fake_process(proc, 600, 1, 50, 50)  # someone else's
+    assert read_cpu_sample(str(proc)).own == 11  # ours alone
+    assert read_cpu_sample(str(proc), children_too=True).own == 11 + 5 + 5 + 2  # + ended children + live ones
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_a_spinning_child_process_counts_as_ours_with_children_too():
+    with Spinner() as spinner:
+        before = read_cpu_sample(children_too=True)
+        time.sleep(0.5)
+        after = read_cpu_sample(children_too=True)
+        assert spinner.proc.poll() is None
+    assert cores_used_by_others(before, after) < 0.5  # the spinner is our child
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def samples(*busy_ticks):
+    """CpuSamples 2 s apart on 2 CPUs at 100 ticks/s, with the busy ticks of other processes given."""
+    for k, busy in enumerate(busy_ticks):
+        yield CpuSample(busy=busy, total=400 * k, own=0, cpus=2)
+
+
+SPUN = "GOMP_SPINCOUNT=2000 (idle machine: other processes used 0.00 of 2 cores)"
+
+
+def test_late_neighbour_watch_tells_once_when_a_spinning_run_gets_a_neighbour():
+    clock, feed = FakeClock(), samples(0, 40, 440, 840, 1240)
+    watch = LateNeighbourWatch(2, environ={CHOICE_VARIABLE: SPUN}, every_s=2.0,
+                               read=lambda children_too: next(feed), clock=clock)
+    clock.now = 1.0
+    assert watch.check() is None  # too soon: nothing read
+    clock.now = 2.0
+    assert watch.check() is None  # others used 40 ticks of 200: 0.2 cores
+    clock.now = 4.0
+    notice = watch.check()  # 400 of 200: 2 cores
+    assert "other processes now use 2.00 of 2 cores" in notice
+    assert "(GOMP_SPINCOUNT=2000, chosen when it started on an idle machine)" in notice
+    assert "OMP_WAIT_POLICY=PASSIVE" in notice and "--resume" in notice
+    clock.now = 6.0
+    assert watch.check() is None  # once
+
+
+@pytest.mark.parametrize("choice,threads,world", [
+    ("OMP_WAIT_POLICY=PASSIVE (shared machine: other processes used 1.00 of 2 cores)", 2, 1),  # sleeps already
+    (None, 2, 1),  # the user chose: not ours to second-guess
+    (SPUN, 1, 1),  # one thread waits at no barrier
+    (SPUN, 2, 2),  # torchrun: the other ranks are not our children
+])
+def test_late_neighbour_watch_stays_quiet_where_spinning_was_not_locbes_choice(choice, threads, world):
+    clock = FakeClock()
+    feed = samples(0, 400, 800)
+    watch = LateNeighbourWatch(threads, world, environ={CHOICE_VARIABLE: choice} if choice else {}, every_s=1.0,
+                               read=lambda children_too: next(feed), clock=clock)
+    for now in (2.0, 4.0):
+        clock.now = now
+        assert watch.check() is None
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
