@@ -1,17 +1,19 @@
 """How OpenMP threads wait, chosen from the machine's load when ``locbe`` starts, before torch loads.
 
 torch (ATen, MKL) and the lattice op run their CPU work on GNU OpenMP thread pools. Between two parallel
-regions a libgomp thread spins for a while before it sleeps. On an idle machine that spin is what makes
-small steps fast: the thread catches the next region a few microseconds later without being woken. Beside
-another busy process it is what makes them slow: the spinning threads take the time slices the late thread
-and the neighbour need, and smoke training beside one busy neighbour ran 3-4.6x slower (issue 17).
-No one setting is right for both (docs/benchmarks.md "Shared cores"): a bounded spin of ~20 us
-(``GOMP_SPINCOUNT=2000``) keeps the idle speed; sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) keeps a shared
-machine's. libgomp reads its settings once, when it loads with torch, so the ``locbe`` command measures how
-much CPU other processes use over a fifth of a second and picks one. Neither changes arithmetic (same
-threads, same reduction order: only who waits how). A user who set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
-chose already: locbe leaves them alone. DataLoader workers, torchrun workers and subprocesses inherit the
-choice; ``LOCBE_OMP_WAIT`` says what was chosen and why (runs record it in env.json).
+regions a libgomp thread spins for a while before it sleeps (3 ms by default). On an idle machine that spin is
+what makes small steps fast: the thread catches the next region without being woken. Beside another busy
+process it is what makes them slow: the spinning threads take the time slices the late thread and the
+neighbour need, and smoke training beside one busy neighbour ran 3-4.6x slower (issue 17). No one setting is
+right for both (docs/benchmarks.md "Shared cores"): a spin short enough to help beside a neighbour
+(``GOMP_SPINCOUNT=2000``: 1.5-2x against 3x) cost the idle step 10-20 %, and one long enough to keep the
+idle speed (20000) cost as much as the default beside a neighbour. libgomp reads its settings once, when it loads with
+torch, so the ``locbe`` command measures how much CPU other processes use over a fifth of a second and picks:
+libgomp's own default on an idle machine (written out, ``GOMP_SPINCOUNT=300000``, so subprocesses keep it and
+runs record it), sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) on a shared one. Neither changes arithmetic
+(same threads, same reduction order: only who waits how). A user who set ``OMP_WAIT_POLICY`` or
+``GOMP_SPINCOUNT`` chose already (a process started by ``locbe`` inherits its choice): they are left alone.
+``LOCBE_OMP_WAIT`` says what was chosen and why (runs record it in env.json).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-IDLE_SETTINGS = {"GOMP_SPINCOUNT": "2000"}  # spin ~20 us, then sleep
+# libgomp's default when OMP_WAIT_POLICY is unset (spin ~3 ms, then sleep), written out: the runtime reads
+# exactly what it reads with nothing set (same spin count, same 100-spin throttled count)
+IDLE_SETTINGS = {"GOMP_SPINCOUNT": "300000"}
 BUSY_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}  # sleep at once
 BUSY_FROM_CORES = 0.5  # other processes' CPU use (cores' worth) from which the machine counts as shared
 SAMPLE_SECONDS = 0.2
@@ -137,7 +141,7 @@ def apply_shared_core_defaults(environ=None, measure=measure_cores_used_by_other
 class LateNeighbourWatch:
     """Tells once when other processes have come to use the CPUs of a run whose threads spin because the
     machine was idle when it started: the choice is made once, and a neighbour that arrives later costs
-    such a run up to 2x (docs/benchmarks.md "Shared cores"). Checks at most every ``every_s`` seconds."""
+    such a run about 3x (docs/benchmarks.md "Shared cores"). Checks at most every ``every_s`` seconds."""
 
     def __init__(self, threads: int, world_size: int = 1, environ=None, every_s: float = 30.0,
                  read=read_cpu_sample, clock=time.monotonic):
@@ -161,8 +165,7 @@ class LateNeighbourWatch:
         self.active = False
         spin = self.choice.split(" (")[0]
         return (f"locbe: other processes now use {others:.2f} of {sample.cpus} cores. This run's OpenMP threads "
-                f"spin before they sleep ({spin}, chosen when it started on an idle machine), which costs up to 2x "
-                "beside them; to make them "
-                "sleep at once, stop it (Ctrl-C keeps the state) and rerun the same command with "
-                "OMP_WAIT_POLICY=PASSIVE set and --resume")
+                f"spin before they sleep ({spin}, libgomp's default, kept because it started on an idle "
+                "machine), which costs about 3x beside them; to make them sleep at once, stop it (Ctrl-C keeps "
+                "the state) and rerun the same command with OMP_WAIT_POLICY=PASSIVE set and --resume")
 
