@@ -125,6 +125,11 @@ def choose_wait_settings(others: float | None, cpus: int | None) -> tuple[dict[s
     return dict(IDLE_SETTINGS), f"idle machine: {seen}"
 
 
+def settings_text(settings: dict[str, str]) -> str:
+    """How a choice starts in ``LOCBE_OMP_WAIT`` (its reason follows in brackets), e.g. ``GOMP_SPINCOUNT=300000``."""
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
 def apply_shared_core_defaults(environ=None, measure=measure_cores_used_by_others) -> dict[str, str]:
     """Set the wait settings for this machine's load in ``environ`` (``os.environ``) unless the user chose a
     wait policy, and only while torch is not loaded yet (after that the OpenMP runtime has read its settings,
@@ -133,7 +138,7 @@ def apply_shared_core_defaults(environ=None, measure=measure_cores_used_by_other
     if "torch" in sys.modules or any(name in environ for name in WAIT_POLICY_VARIABLES):
         return {}
     settings, why = choose_wait_settings(*measure())
-    chosen = {**settings, CHOICE_VARIABLE: f"{' '.join(f'{k}={v}' for k, v in settings.items())} ({why})"}
+    chosen = {**settings, CHOICE_VARIABLE: f"{settings_text(settings)} ({why})"}
     environ.update(chosen)
     return chosen
 
@@ -146,8 +151,7 @@ class LateNeighbourWatch:
     def __init__(self, threads: int, world_size: int = 1, environ=None, every_s: float = 30.0,
                  read=read_cpu_sample, clock=time.monotonic):
         environ = os.environ if environ is None else environ
-        self.choice = environ.get(CHOICE_VARIABLE, "")
-        chose_spin = self.choice.startswith(f"GOMP_SPINCOUNT={IDLE_SETTINGS['GOMP_SPINCOUNT']} ")
+        chose_spin = environ.get(CHOICE_VARIABLE, "").startswith(f"{settings_text(IDLE_SETTINGS)} (")
         # one thread never waits at a barrier; with torchrun the other ranks are ours but not our children
         self.active = chose_spin and threads > 1 and world_size == 1
         self.read, self.clock, self.every_s = read, clock, every_s
@@ -163,9 +167,8 @@ class LateNeighbourWatch:
         if others is None or others < BUSY_FROM_CORES:
             return None
         self.active = False
-        spin = self.choice.split(" (")[0]
         return (f"locbe: other processes now use {others:.2f} of {sample.cpus} cores. This run's OpenMP threads "
-                f"spin before they sleep ({spin}, libgomp's default, kept because it started on an idle "
-                "machine), which costs about 3x beside them; to make them sleep at once, stop it (Ctrl-C keeps "
-                "the state) and rerun the same command with OMP_WAIT_POLICY=PASSIVE set and --resume")
+                f"spin before they sleep ({settings_text(IDLE_SETTINGS)}, libgomp's default, kept because it "
+                "started on an idle machine), which costs about 3x beside them; to make them sleep at once, stop "
+                "it (Ctrl-C keeps the state) and rerun the same command with OMP_WAIT_POLICY=PASSIVE set and --resume")
 

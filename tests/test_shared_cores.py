@@ -68,11 +68,20 @@ class Spinner:
         self.proc.wait()
 
 
+def torch_import_stderr(**extra) -> str:
+    """What a plain ``import torch`` prints on stderr, OpenMP's settings display included."""
+    return subprocess.run([sys.executable, "-c", "import torch"], env=fresh_env(**extra), capture_output=True,
+                          text=True, timeout=300, check=True).stderr
+
+
+@pytest.fixture(scope="module")
+def plain_torch_stderr() -> str:
+    return torch_import_stderr()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="GNU OpenMP display of the runtime settings, /proc/stat")
-def test_locbe_sleeps_at_once_beside_a_busy_process(tmp_path):
-    plain = subprocess.run([sys.executable, "-c", "import torch"], env=fresh_env(), capture_output=True, text=True,
-                           timeout=300, check=True)
-    assert runtime_settings(plain.stderr)[1] != "0"  # torch alone: libgomp's own spin
+def test_locbe_sleeps_at_once_beside_a_busy_process(tmp_path, plain_torch_stderr):
+    assert runtime_settings(plain_torch_stderr)[1] != "0"  # torch alone: libgomp's own spin
     with Spinner():
         assert locbe_runtime_settings(tmp_path) == ("PASSIVE", "0")  # locbe's choice reached the runtime
 
@@ -86,12 +95,9 @@ def display_block(stderr: str) -> str:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="GNU OpenMP display of the runtime settings")
-def test_the_idle_choice_is_exactly_what_the_runtime_reads_with_nothing_set():
-    plain = subprocess.run([sys.executable, "-c", "import torch"], env=fresh_env(), capture_output=True, text=True,
-                           timeout=300, check=True)
-    idle = subprocess.run([sys.executable, "-c", "import torch"], env=fresh_env(**IDLE_SETTINGS),
-                          capture_output=True, text=True, timeout=300, check=True)
-    assert display_block(idle.stderr) == display_block(plain.stderr)  # so quiet runs keep their speed
+def test_the_idle_choice_is_exactly_what_the_runtime_reads_with_nothing_set(plain_torch_stderr):
+    idle = torch_import_stderr(**IDLE_SETTINGS)
+    assert display_block(idle) == display_block(plain_torch_stderr)  # so quiet runs keep their speed
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc/stat")
