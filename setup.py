@@ -1,5 +1,5 @@
 """Packaging hook: the lattice op's kernel sources live in cuda/ (their single home); a build of the package
-(wheel, non-editable install) copies them into locbe/regloss/csrc so that an installed locbe can compile the op
+(wheel, non-editable install) copies them into locbe/lattice/csrc so that an installed locbe can compile the op
 on first use from any directory. Everything else is declared in pyproject.toml."""
 
 import shutil
@@ -15,7 +15,7 @@ SUFFIXES = (".h", ".cpp", ".cu")
 class BuildPyWithKernelSources(build_py):
     def run(self):
         super().run()
-        dest = Path(self.build_lib) / "locbe" / "regloss" / "csrc"
+        dest = Path(self.build_lib) / "locbe" / "lattice" / "csrc"
         dest.mkdir(parents=True, exist_ok=True)
         for src in sorted((ROOT / "cuda").iterdir()):
             if src.suffix in SUFFIXES:

@@ -1,10 +1,10 @@
 """Smoke training beside a busy neighbour, with and without the OpenMP wait settings ``locbe`` picks (issue 17).
 
 libgomp reads its wait settings once, when it loads with torch, and ``locbe`` picks them from the machine's
-load at that moment (locbe/openmp.py: libgomp's own spin on an idle machine, passive waiting on a shared one).
+load at that moment (locbe/runtime/openmp.py: libgomp's own spin on an idle machine, passive waiting on a shared one).
 So every case here is a fresh child process started the way a user starts ``locbe``: after the neighbour
 (one process spinning a Python loop) is already running, or on the quiet machine. "locbe" applies
-``locbe.openmp.apply_shared_core_defaults`` before importing torch, as the command does; "default" sets
+``locbe.runtime.openmp.apply_shared_core_defaults`` before importing torch, as the command does; "default" sets
 neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT (torch's defaults, the behaviour before issue 17). Each child runs
 the real training loop (``locbe.train.train``, smoke preset, DataLoader workers included, every loss term on
 so the lattice op runs in each step), then the lattice op alone. Round after round, quiet and busy, order
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from locbe.openmp import CHOICE_VARIABLE, WAIT_POLICY_VARIABLES
+from locbe.runtime.openmp import CHOICE_VARIABLE, WAIT_POLICY_VARIABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 4
@@ -49,13 +49,13 @@ LOADS = ("quiet", "busy")
 CHILD = r"""
 import dataclasses, json, math, os, statistics, sys, time
 if os.environ.get("BENCH_POLICY") == "locbe":
-    from locbe.openmp import apply_shared_core_defaults
+    from locbe.runtime.openmp import apply_shared_core_defaults
     apply_shared_core_defaults()
 import torch
 sys.path.insert(0, sys.argv[1])
 from test_bench_regloss import photo_inputs
 from locbe.config import Phase, _voc_phases, get_preset
-from locbe.regloss import lattice_filter
+from locbe.lattice import lattice_filter
 from locbe.train import train
 
 data_root, work = sys.argv[2], sys.argv[3]

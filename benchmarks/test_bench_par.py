@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from locbe.bench import device_params, measure_peak, synchronized
-from locbe.par import PAR
+from locbe.method.par import PAR
 
 # the targets here are peak memory: the allocator returns large blocks on free (benchmarks/conftest.py)
 MALLOC_STATE = "peak"

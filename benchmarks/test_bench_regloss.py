@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from locbe.bench import measure_peak, synchronized
-from locbe.regloss import RegularizedLoss, lattice_filter
-from locbe.regloss.build import cache_root
-from locbe.regloss.reference import serial_lattice_filter
+from locbe.lattice import lattice_filter
+from locbe.lattice.build import cache_root
+from locbe.lattice.reference import serial_lattice_filter
+from locbe.method.regloss import RegularizedLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "4440491"  # "today's op" of issue 11
@@ -83,8 +84,8 @@ import torch
 sys.path.insert(0, sys.argv[1])
 from test_bench_regloss import filter_inputs
 from locbe.bench import PEAK_MALLOC, measure_peak, set_malloc
-from locbe.regloss import lattice_filter
-from locbe.regloss.op import ops
+from locbe.lattice import lattice_filter
+from locbe.lattice.op import ops
 torch.set_num_threads(min(2, torch.get_num_threads()))
 set_malloc(*PEAK_MALLOC)
 ops()  # load the library (its own memory is not the op's)

@@ -21,19 +21,20 @@ import statistics
 import pytest
 import torch
 
-from locbe.bench import Stopwatch, device_params, measure_peak, synchronized
+from locbe.bench import device_params, measure_peak, synchronized
 from locbe.config import apply_overrides, get_preset
 from locbe.data import normalize
+from locbe.method.par import PAR
+from locbe.method.regloss import RegularizedLoss
+from locbe.method.regloss_host import HostRegularizedLoss
+from locbe.method.step import step_generator, training_step
 from locbe.models import build_model
-from locbe.par import PAR
-from locbe.regloss import RegularizedLoss
-from locbe.regloss.host import HostRegularizedLoss
-from locbe.step import step_generator, training_step
+from locbe.runtime.stopwatch import Stopwatch
 from locbe.train import build_optimizer
 
 CASES = [("vit_micro_patch16", 128, 8), ("vit_base_patch16_224", 448, 2)]
 # "authors": the plain step with the authors' regularized-loss layout (host copies every step, the filter on
-# the CPU one class channel at a time, locbe/regloss/host.py); "plain" and "fast" run the op on the device
+# the CPU one class channel at a time, locbe/method/regloss_host.py); "plain" and "fast" run the op on the device
 VARIANTS = {"authors": {"fast_step": False}, "plain": {"fast_step": False}, "fast": {"fast_step": True},
             "fast_cam_bf16": {"fast_step": True, "cam_bf16": True}}
 HOST_REG = {"authors"}

@@ -142,7 +142,7 @@ torch::Tensor lattice_filter_serial(const torch::Tensor& image_in, const torch::
 }  // namespace locbe
 
 // The schema, the CPU kernels; lattice_cuda.cu adds the CUDA kernel of lattice_filter. The fake (meta) kernel
-// and the autograd formula are registered from Python (locbe/regloss/op.py), as torch.library recommends.
+// and the autograd formula are registered from Python (locbe/lattice/op.py), as torch.library recommends.
 TORCH_LIBRARY(locbe, m) {
   m.def("lattice_filter(Tensor image, Tensor values, float sigma_xy, float sigma_rgb, bool reverse=False, "
         "bool atomic_splat=False) -> Tensor");

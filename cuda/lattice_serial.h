@@ -72,7 +72,7 @@ namespace serial {
 // All kD coordinates of a lattice point are congruent to one remainder r (mod kV): key[j] = kV q_j + r. A key is
 // packed as r in bits 0-2 and q_j + kBias in 12 bits each (bits 3-62). Moving to a vertex or a neighbour changes
 // every q_j by at most 2, so |q_j| <= kMaxQ keeps every field inside its 12 bits: |rem0| <= kV kMaxQ, i.e.
-// features up to ~1380 (MAX_FEATURE = 1300 in locbe/regloss/checks.py). Larger inputs raise.
+// features up to ~1380 (MAX_FEATURE = 1300 in locbe/lattice/checks.py). Larger inputs raise.
 constexpr int kBits = 12;
 constexpr int64_t kBias = int64_t{1} << (kBits - 1);
 constexpr int kMaxQ = kBias - 3;

@@ -14,10 +14,9 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from locbe.fileio import atomic_write_text
+from locbe.runtime.fileio import atomic_write_text
 
 SUITES = {"regloss": "test_bench_regloss.py", "par": "test_bench_par.py", "step": "test_bench_step.py",
           "cores": "test_bench_cores.py"}
@@ -112,36 +111,6 @@ def synchronized(fn, device):
         return out
 
     return run
-
-
-class Stopwatch:
-    """Elapsed seconds of a block: CUDA events on a GPU (the work queued on the current stream),
-    ``time.perf_counter`` on CPU."""
-
-    def __init__(self, device):
-        import torch
-
-        self.cuda = torch.device(device).type == "cuda"
-        self.seconds = 0.0
-
-    def __enter__(self):
-        import torch
-
-        if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1000.0
-        else:
-            self.seconds = time.perf_counter() - self.t0
-        return False
 
 
 # ----------------------------------------------------------------------------- reporting

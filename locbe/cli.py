@@ -17,7 +17,7 @@ import inspect
 import signal
 import sys
 
-from locbe.openmp import apply_shared_core_defaults
+from locbe.runtime.openmp import apply_shared_core_defaults
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,11 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-layout": ("locbe.data.voc_layout", "write a synthetic set laid out exactly like VOC 2012+SBD or COCO 2014"),
     "make-cls-labels": ("locbe.data.cls_labels", "write cls_labels_onehot.npy from segmentation masks"),
     "check-data": ("locbe.data.check", "read every image and mask of a split; list every bad file at once"),
-    "build-ext": ("locbe.regloss.build", "compile the regularized-loss extension (CPU, and CUDA if nvcc)"),
+    "build-ext": ("locbe.lattice.build", "compile the regularized-loss extension (CPU, and CUDA if nvcc)"),
     "train": ("locbe.train_command", "train LOC-BE / ToCo (single process or under torchrun)"),
     "eval": ("locbe.eval.cli", "evaluate a checkpoint: seg / CAM mIoU, multi-scale, dense CRF"),
     "reproduce": ("locbe.reproduce", "train -> eval -> report for a preset (smoke, voc, coco)"),
-    "compare": ("locbe.compare", "compare runs or reports over seeds: differences of means, Welch's t-test"),
+    "compare": ("locbe.report.compare", "compare runs or reports over seeds: differences of means, Welch's t-test"),
     "bench": ("locbe.bench", "run the benchmark suites and print a comparison table"),
     "device-check": ("locbe.device_check", "check a GPU: build, tests, benchmarks, smoke run -> reports/device"),
 }
@@ -57,7 +57,7 @@ def _add_arguments(module_name: str, parser: argparse.ArgumentParser, argv: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    apply_shared_core_defaults()  # before any subcommand imports torch (locbe/openmp.py)
+    apply_shared_core_defaults()  # before any subcommand imports torch (locbe/runtime/openmp.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     return _run(build_parser(argv).parse_args(argv))
 

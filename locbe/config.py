@@ -110,7 +110,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
     deterministic: bool = False
-    fast_step: bool = False  # fewer passes, maths unchanged (issue 6, locbe/step.py)
+    fast_step: bool = False  # fewer passes, maths unchanged (issue 6, locbe/method/step.py)
     cam_bf16: bool = False  # bf16 autocast for the no-grad CAM views only: faster, changes the CAMs slightly
     out_dir: str = "runs/voc"
     log_every: int = 20

@@ -30,7 +30,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from locbe.fileio import atomic_write_json, atomic_write_text
+from locbe.runtime.fileio import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_ARCHS = "8.0;9.0+PTX"
@@ -294,7 +294,7 @@ def run(args) -> int:
 
     # the CUDA op for TORCH_CUDA_ARCH_LIST (sm_80, sm_90 + PTX) and the CPU op the references use; later
     # stages load both from the same TORCH_EXTENSIONS_DIR
-    stage("build", [py, "-c", "from locbe.regloss.build import load_extension as f; c = f(cuda=False); "
+    stage("build", [py, "-c", "from locbe.lattice.build import load_extension as f; c = f(cuda=False); "
                               "g = f(cuda=True); print('built and loaded', c.__file__, g.__file__)"],
           LIMITS["build"])
     junit = folder / "cuda_tests.xml"

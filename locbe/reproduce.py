@@ -5,8 +5,8 @@ Each stage leaves an artefact and is skipped when it is already there: the synth
 metrics JSON of each evaluation (tagged with the checkpoint's step), and finally the tables in
 ``<out>/report/`` (or ``--reports DIR``/<preset>/). Re-running a finished reproduction rewrites the
 same tables. A run directory made with another config is not reused (``--force-new`` moves it aside).
-Without ``--seeds`` one run in ``<out>``; with it, seed k in ``<out>/seed-<k>`` (``locbe.seeds``), one after
-the other, and the tables give mean, spread and intervals over the seeds (``locbe.seed_report``). A seed that
+Without ``--seeds`` one run in ``<out>``; with it, seed k in ``<out>/seed-<k>`` (``locbe.report.seeds``), one after
+the other, and the tables give mean, spread and intervals over the seeds (``locbe.report.seed_report``). A seed that
 fails is reported as failed; the others go on and are tabulated.
 Exit codes (README): 0 when every stage ran and the preset's acceptance line held (on the mean over the
 seeds), 3 when it did not; with a failed seed, that seed's exit code (after the others' tables are written).
@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
-from locbe.device import DEVICE_CHOICES
 from locbe.errors import AcceptanceError, ConfigError, MissingPathError
+from locbe.runtime.device import DEVICE_CHOICES
 
 NOT_COMPARABLE = "not comparable to the paper: synthetic data, micro ViT from scratch"
 # seg mIoU (single scale) / best trivial baseline must reach this for the run to pass (exit code 3 otherwise)
@@ -66,11 +66,11 @@ def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progre
     import torch
 
     from locbe.data import build_dataset
-    from locbe.device import resolve_device
     from locbe.eval.evaluate import EvalOptions, evaluate, load_model_for_eval
     from locbe.eval.sharded import barrier
-    from locbe.fileio import atomic_write_json
-    from locbe.ranks import current_ranks
+    from locbe.runtime.device import resolve_device
+    from locbe.runtime.fileio import atomic_write_json
+    from locbe.runtime.ranks import current_ranks
 
     out = checkpoint.parent.parent / "eval" / f"{key}.json"
     # tensors mapped to the meta device: only the step is read, not the weights and optimiser state
@@ -107,7 +107,7 @@ _EVAL_CAPS: dict = {}
 
 
 def _is_main() -> bool:
-    from locbe.ranks import current_ranks
+    from locbe.runtime.ranks import current_ranks
 
     return current_ranks().is_main
 
@@ -120,12 +120,12 @@ def _env(run_dir: Path) -> dict:
 def _panels(checkpoint: Path, cfg: TrainConfig, out_dir: Path, n: int = 4) -> None:
     import torch
 
-    from locbe import cam as camlib
     from locbe.data import COCO_CLASSES, VOC_CLASSES, build_dataset, denormalize, voc_palette
-    from locbe.device import resolve_device
     from locbe.eval.evaluate import load_model_for_eval, seg_logits, to_uint8_image
-    from locbe.panels import Panel, image_classes_from_label, write_panel
-    from locbe.par import PAR
+    from locbe.method import cam as camlib
+    from locbe.method.par import PAR
+    from locbe.report.panels import Panel, image_classes_from_label, write_panel
+    from locbe.runtime.device import resolve_device
 
     device = resolve_device(cfg.device)
     model, _ = load_model_for_eval(str(checkpoint), None, None, device)
@@ -181,7 +181,7 @@ def _real_stages(cfg: TrainConfig, progress: bool, force_new: bool) -> Path:
 def seed_configs(cfg: TrainConfig, seeds: list[int] | None) -> list[TrainConfig]:
     """One config per seed: ``cfg`` itself in its ``out_dir`` without ``--seeds`` (one run, as before),
     else seed k in ``<out>/seed-<k>``."""
-    from locbe.seeds import seed_dir
+    from locbe.report.seeds import seed_dir
 
     if seeds is None:
         return [cfg]
@@ -190,14 +190,14 @@ def seed_configs(cfg: TrainConfig, seeds: list[int] | None) -> list[TrainConfig]
 
 def _run_seed(stages, cfg: TrainConfig, progress: bool, force_new: bool, isolate: bool,
               label: str) -> tuple[dict, Path | None]:
-    """Run one seed's stages; returns its record (``locbe.seeds``) and checkpoint. With ``isolate`` (``--seeds``)
+    """Run one seed's stages; returns its record (``locbe.report.seeds``) and checkpoint. With ``isolate`` (``--seeds``)
     an error fails this seed only (recorded with its exit code, one line on stderr; the traceback too when it is
     a bug); a stop by signal or Ctrl-C still stops everything."""
     import sys
     import traceback
 
     from locbe.errors import EXIT_FAILURE, Interrupted, LocbeError, one_line
-    from locbe.seeds import failed_record, run_record
+    from locbe.report.seeds import failed_record, run_record
 
     print(f"[{label}] {cfg.out_dir}")
     if not isolate:
@@ -256,9 +256,9 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     from locbe.data import VOC_CLASSES, build_dataset
     from locbe.data.synthetic import make_synthetic
     from locbe.eval.evaluate import trivial_baselines
-    from locbe.report import lookup_reported
-    from locbe.seed_report import Row, metric_row, write_seed_report
-    from locbe.seeds import seed_dir
+    from locbe.report.seed_report import Row, metric_row, write_seed_report
+    from locbe.report.seeds import seed_dir
+    from locbe.report.tables import lookup_reported
 
     root = Path(cfg.data_root)
     if not (root / "synthetic.json").exists():  # an existing synthetic set (any size/seed) is used as is
@@ -329,7 +329,7 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
              PANELS_NOTE + ("" if len(ok) == 1 else f" Panels of seed {ok[0]['seed']}.")]
     out_dir = reports
     if ablation and isolate:
-        from locbe.compare import write_comparison
+        from locbe.report.compare import write_comparison
 
         full = next((name, recs) for name, recs in ablations if not ABLATIONS[name])
         variants = [(name, recs) for name, recs in ablations if ABLATIONS[name]]
@@ -355,7 +355,7 @@ def final_eval_split(cfg: TrainConfig) -> str:
 def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: bool = False,
                    seeds: list[int] | None = None, check_data: bool = True) -> tuple[Path, list[dict]]:
     from locbe.data import COCO_CLASSES, VOC_CLASSES
-    from locbe.seed_report import metric_row, write_seed_report
+    from locbe.report.seed_report import metric_row, write_seed_report
 
     ds_name = cfg.dataset
     root = Path(cfg.data_root) if cfg.data_root else None
@@ -397,7 +397,7 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: b
 def _reported(method: str, dataset: str, key: str, protocol, split: str):
     """The published number for this row, or None where the evaluated list is not the one published numbers
     use (``val_part``: a subset of COCO val)."""
-    from locbe.report import lookup_reported
+    from locbe.report.tables import lookup_reported
 
     if split == "val_part":
         return None
@@ -459,7 +459,7 @@ def run(args) -> int:
     if args.max_steps is not None or args.max_images is not None:
         _EVAL_CAPS["rehearsal"] = (f"{cfg.max_steps} steps, at most {args.max_images or 'all'} images per "
                                    f"evaluation, backbone {cfg.backbone}")
-    from locbe.seeds import parse_seeds
+    from locbe.report.seeds import parse_seeds
 
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
     progress = not args.no_progress

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from locbe.config import TrainConfig
 from locbe.data.check import check_before_training
 from locbe.errors import DataError, NonFiniteLossError, one_line
-from locbe.openmp import LateNeighbourWatch
-from locbe.ranks import RankInfo
+from locbe.runtime.openmp import LateNeighbourWatch
+from locbe.runtime.ranks import RankInfo
 from locbe.training import rundir
 from locbe.training.checkpoint import environment_info, load_training_state, save_checkpoint
 from locbe.training.distributed import (
@@ -65,8 +65,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
           progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True) -> TrainResult:
     """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks);
     ``check_data``: the fast data check (locbe.data.check) of the splits the run reads, before anything is written."""
-    from locbe.progress import progress_bar
-    from locbe.step import step_generator, training_step
+    from locbe.method.step import step_generator, training_step
+    from locbe.runtime.progress import progress_bar
 
     cfg.validate()
     info, device = setup_distributed(cfg.device)
@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
                        disable=not (progress and info.is_main))
     last_losses: dict[str, float] = {}
     t_start = time.perf_counter()
-    # a neighbour that arrives after the start meets the wait settings chosen at the start (locbe/openmp.py)
+    # a neighbour that arrives after the start meets the wait settings chosen at the start (locbe/runtime/openmp.py)
     neighbour_watch = LateNeighbourWatch(torch.get_num_threads(), info.world_size) if (
         info.is_main and device.type == "cpu") else None
 
@@ -170,8 +170,8 @@ def training_splits(cfg: TrainConfig) -> list[str]:
 
 def build_training(cfg: TrainConfig, device: torch.device, init_from: str | None):
     """Network (optionally from a full checkpoint), AdamW, PAR and the regularized loss (None when unused)."""
+    from locbe.method.par import PAR
     from locbe.models import build_model, load_checkpoint
-    from locbe.par import PAR
 
     net = build_model(cfg.backbone, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
                       aux_layer=cfg.aux_layer).to(device)
@@ -188,7 +188,8 @@ def build_reg_loss(cfg: TrainConfig, device: torch.device):
     a missing op fails before step 0, not at the first reg step (step 2001 on VOC)."""
     if not cfg.use_reg or not any("reg" in p.weights for p in cfg.phases):
         return None
-    from locbe.regloss import RegularizedLoss, ensure_loaded
+    from locbe.lattice import ensure_loaded
+    from locbe.method.regloss import RegularizedLoss
 
     ensure_loaded()
     return RegularizedLoss().to(device)

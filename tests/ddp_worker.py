@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import tiny_config  # noqa: E402
 
 from locbe.data import build_dataset  # noqa: E402
+from locbe.method.par import PAR  # noqa: E402
+from locbe.method.regloss import RegularizedLoss  # noqa: E402
+from locbe.method.step import step_generator, training_step  # noqa: E402
 from locbe.models import build_model  # noqa: E402
-from locbe.par import PAR  # noqa: E402
-from locbe.regloss import RegularizedLoss  # noqa: E402
-from locbe.step import step_generator, training_step  # noqa: E402
 from locbe.train import average_gradients, setup_distributed, train  # noqa: E402
 
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from test_eval import StubSeg, assert_metrics_equal, loop_metrics
 
 import locbe
-from locbe import cam as camlib
 from locbe.eval.evaluate import EvalOptions, evaluate
 from locbe.eval.protocol import PROTOCOLS, get_protocol, protocol_cams, protocol_seg_logits, seg_logits_batch
+from locbe.method import cam as camlib
 
 
 class StubCam(StubSeg):

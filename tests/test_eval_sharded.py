@@ -66,7 +66,7 @@ def test_two_process_evaluation_equals_single_process(setup):
 
 def test_chunks_are_dealt_round_robin_and_cover_the_list():
     from locbe.eval.sharded import chunks, crf_workers, my_chunks
-    from locbe.ranks import RankInfo
+    from locbe.runtime.ranks import RankInfo
 
     assert chunks(7, 2) == [[0, 1], [2, 3], [4, 5], [6]]
     r0, r1 = my_chunks(7, 2, RankInfo(0, 2)), my_chunks(7, 2, RankInfo(1, 2))

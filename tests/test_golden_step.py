@@ -29,10 +29,10 @@ import pytest
 import torch
 
 from locbe.config import get_preset
+from locbe.method.par import PAR
+from locbe.method.regloss import RegularizedLoss
+from locbe.method.step import training_step
 from locbe.models import build_model
-from locbe.par import PAR
-from locbe.regloss import RegularizedLoss
-from locbe.step import training_step
 from locbe.train import build_optimizer, lr_multiplier
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

@@ -224,8 +224,7 @@ def test_dataloader_worker_errors_are_unwrapped_to_the_failing_file():
 
 
 def test_atomic_write_fsyncs_the_file_and_then_its_directory(tmp_path, monkeypatch):
-    from locbe import fileio
-
+    from locbe.runtime import fileio
     synced, real = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
     fileio.atomic_write_text(tmp_path / "a" / "results.md", "x")
@@ -234,7 +233,7 @@ def test_atomic_write_fsyncs_the_file_and_then_its_directory(tmp_path, monkeypat
 
 
 def test_results_csv_writes_the_seed_as_an_integer(tmp_path):
-    from locbe.report import make_row, write_tables
+    from locbe.report.tables import make_row, write_tables
 
     env = {"seed": 0, "commit": "4068e63", "config_hash": "1e10"}
     write_tables(tmp_path, [make_row("m", "b", "d", "val", "seg", 0.5, env), make_row("t", "-", "d", "val", "seg",

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from locbe.data import COCO_CLASSES, VOC_CLASSES, voc_palette
-from locbe.panels import (
+from locbe.report.panels import (
     TILE_WIDTH,
     TITLE_CHARS,
     Panel,

@@ -1,5 +1,5 @@
-"""Progress in a log file: whole lines at a readable pace, no carriage returns (locbe/progress.py), and no
-torch notice about a CUDA runtime on a run that builds nothing for CUDA (locbe/regloss/build.py)."""
+"""Progress in a log file: whole lines at a readable pace, no carriage returns (locbe/runtime/progress.py), and no
+torch notice about a CUDA runtime on a run that builds nothing for CUDA (locbe/lattice/build.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from locbe.progress import LINE_EVERY_FRACTION, LINE_EVERY_SECONDS, LineProgress, progress_bar
+from locbe.runtime.progress import LINE_EVERY_FRACTION, LINE_EVERY_SECONDS, LineProgress, progress_bar
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_NOTICE = "No CUDA runtime is found"
@@ -102,7 +102,7 @@ def test_smoke_run_logged_to_a_file_has_progress_lines_and_no_cuda_notice(synthe
     assert re.search(r"step/s, .*total=\d", last), last  # rate and losses
     assert CUDA_NOTICE not in text
     recorded = json.loads((tmp_path / "run" / "env.json").read_text())  # the wait settings it ran under
-    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):  # locbe chose them (locbe/openmp.py)
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):  # locbe chose them (locbe/runtime/openmp.py)
         choice = recorded["omp_wait_choice"]
         assert choice.startswith(("OMP_WAIT_POLICY=PASSIVE (", "GOMP_SPINCOUNT=300000 (")), recorded
         assert (recorded["omp_wait_policy"], recorded["gomp_spincount"]) in (("PASSIVE", None), (None, "300000"))

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from locbe.regloss import RegularizedLoss, lattice_filter
-from locbe.regloss.build import find_cuda_home, load_extension
-from locbe.regloss.op import _filter
-from locbe.regloss.reference import dense_filter, serial_lattice_filter
+from locbe.lattice import lattice_filter
+from locbe.lattice.build import find_cuda_home, load_extension
+from locbe.lattice.op import _filter
+from locbe.lattice.reference import dense_filter, serial_lattice_filter
+from locbe.method.regloss import RegularizedLoss
 
 # float32 kernel vs float64 serial reference: both round features to float32 the same way, so only
 # the accumulation order/precision differs (measured 6.6e-8); 1e-5 is the issue's bound.
@@ -152,7 +153,7 @@ def test_atomic_splat_refused_in_deterministic_mode(extension):
 def test_features_at_the_limit_match_reference(batch, n_threads):
     """Features just below MAX_FEATURE: the packed keys of the whole-image schedule (12 bits per coordinate)
     and the int16 keys of the parallel one still name every lattice point exactly."""
-    from locbe.regloss.checks import MAX_FEATURE
+    from locbe.lattice.checks import MAX_FEATURE
 
     g = torch.Generator().manual_seed(5)
     image = (torch.rand(batch, 3, 9, 11, generator=g) > 0.5).float() * 255  # colour features 0 or the limit
@@ -376,7 +377,7 @@ def test_cuda_loss_matches_cpu_and_is_deterministic():
 @pytest.mark.nvcc
 @pytest.mark.skipif(find_cuda_home() is None, reason="needs nvcc: none in $CUDA_HOME, /usr/local/cuda or on PATH")
 def test_cuda_backend_compiles_and_links_for_sm80_sm90(tmp_path):
-    from locbe.regloss.build import build_cuda
+    from locbe.lattice.build import build_cuda
 
     lib = build_cuda(str(tmp_path / "build"), archs="8.0;9.0")
     assert lib.stat().st_size > 0
@@ -387,7 +388,7 @@ def test_cuda_backend_compiles_and_links_for_sm80_sm90(tmp_path):
 
 def test_host_layout_loss_equals_the_op_and_its_gradient():
     """The authors' layout (host copies, serial per-channel filter) computes the loss and gradient of the op."""
-    from locbe.regloss.host import HostRegularizedLoss
+    from locbe.method.regloss_host import HostRegularizedLoss
 
     g = torch.Generator().manual_seed(3)
     images = torch.rand(2, 3, 24, 32, generator=g) * 255

@@ -20,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from locbe.data.classes import denormalize
-from locbe.regloss import RegularizedLoss, lattice_filter
-from locbe.regloss.op import _filter, ops
-from locbe.regloss.reference import serial_lattice_filter
+from locbe.lattice import lattice_filter
+from locbe.lattice.op import _filter, ops
+from locbe.lattice.reference import serial_lattice_filter
+from locbe.method.regloss import RegularizedLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "rloss_operator.pt"
@@ -159,7 +160,7 @@ def test_filter_equals_rloss_golden(golden, case):
 def test_gated_loss_equals_authors_golden(golden):
     """The authors' get_energy_loss(DenseEnergyLoss(1e-7, 15, 100, 0.5)) as locbe's step calls the loss: the
     de-normalised image times 255, softmax(logits), the img_box mask and the pseudo label."""
-    from locbe.cam import box_mask
+    from locbe.method.cam import box_mask
 
     g = golden["gated_loss"]
     img = g["image_normalised"]
@@ -251,7 +252,7 @@ def test_forward_backward_match_cpu_kernel_and_repeat_bitwise(device):
 # ---------------------------------------------------------------------------- installable anywhere
 def test_first_use_build_is_keyed_by_sources(tmp_path, monkeypatch):
     """The cache folder name hashes the sources: an edited source gets a new folder, not a rebuild over the old."""
-    from locbe.regloss import build
+    from locbe.lattice import build
 
     src = tmp_path / "cuda"
     shutil.copytree(build.source_dir(), src)
@@ -266,12 +267,12 @@ def test_a_second_copy_of_the_sources_reuses_the_build_without_recompiling(tmp_p
     """Same sources at another path (another checkout, an installed copy) = same key = the same library file,
     not a rebuild: ninja's build file names the staged copy in the cache folder, never the caller's path.
     (Compiling from the caller's path made two checkouts rebuild the shared library in turn, minutes each.)"""
-    from locbe.regloss import build
+    from locbe.lattice import build
 
     copy = tmp_path / "other_checkout_cuda"
     shutil.copytree(build.source_dir(), copy)
     env = {k: v for k, v in os.environ.items() if k != "LOCBE_CUDA_SRC"}
-    code = ("from locbe.regloss import build; build.load_extension(False); lib = build.library_path(False); "
+    code = ("from locbe.lattice import build; build.load_extension(False); lib = build.library_path(False); "
             "print(lib, lib.stat().st_mtime_ns)")
 
     def load(extra):
@@ -295,7 +296,7 @@ def test_non_editable_install_runs_the_op_from_another_directory(tmp_path):
     pyproject's build requirements (setuptools; no torch), so nothing of the interpreter's own setuptools/wheel
     is relied on. The install goes to a `--target` directory that is put first on PYTHONPATH, which hides the
     editable checkout this suite runs from (its finder comes after the path entries).
-    The op is built from the sources the wheel carries (locbe/regloss/csrc); their hash equals the checkout's,
+    The op is built from the sources the wheel carries (locbe/lattice/csrc); their hash equals the checkout's,
     so the cache key, and hence this session's cached build, is shared (a fresh machine compiles once)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -310,9 +311,9 @@ def test_non_editable_install_runs_the_op_from_another_directory(tmp_path):
                           str(clone)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert pip.returncode == 0, pip.stdout + pip.stderr
     shutil.rmtree(clone)  # nothing of the checkout is left to find
-    from locbe.regloss.build import build_key
+    from locbe.lattice.build import build_key
 
-    code = ("import torch, locbe; from locbe.regloss import lattice_filter; from locbe.regloss import build; "
+    code = ("import torch, locbe; from locbe.lattice import lattice_filter; from locbe.lattice import build; "
             "out = lattice_filter(torch.rand(1, 3, 6, 5) * 255, torch.ones(1, 2, 6, 5)); "
             "print(locbe.__file__); print(build.source_dir()); print(build.build_key(False)); "
             "print(float(out.sum()) > 0)")
@@ -326,7 +327,7 @@ def test_non_editable_install_runs_the_op_from_another_directory(tmp_path):
 
 def test_training_checks_the_op_before_step_zero(monkeypatch):
     """A run that will use the reg loss builds/loads and runs the op when the loss is built (before step 0)."""
-    import locbe.regloss
+    import locbe.lattice
     from locbe.config import get_preset
     from locbe.train import build_reg_loss
 
@@ -337,6 +338,6 @@ def test_training_checks_the_op_before_step_zero(monkeypatch):
     def broken():
         raise RuntimeError("op library cannot be built")
 
-    monkeypatch.setattr(locbe.regloss, "ensure_loaded", broken)
+    monkeypatch.setattr(locbe.lattice, "ensure_loaded", broken)
     with pytest.raises(RuntimeError, match="cannot be built"):
         build_reg_loss(cfg, torch.device("cpu"))

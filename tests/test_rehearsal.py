@@ -127,7 +127,7 @@ def test_reproduce_has_no_hard_coded_device():
 def test_resolve_device_rules(monkeypatch):
     import torch
 
-    from locbe.device import resolve_device
+    from locbe.runtime.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type == "cpu" and resolve_device(None).type == "cpu"

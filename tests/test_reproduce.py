@@ -52,7 +52,7 @@ def test_interrupted_reproduce_resumes_to_the_same_table(root, tmp_path):
     assert [p.stem for p in panels] == [f"syn_val_{i:05d}" for i in range(4)]  # the first 4 val images
     for path in panels:
         with Image.open(path) as im:
-            assert im.width == 1305 and im.height >= 62 + 100 + 100  # locbe/panels.py layout
+            assert im.width == 1305 and im.height >= 62 + 100 + 100  # locbe/report/panels.py layout
     md = (tmp_path / "ra" / "smoke" / "results.md").read_text()
     assert "titled with the image id and its image-level classes" in md and "0 background / 1 uncertain" in md
     assert set(full["status"].str.startswith("not run: dataset not found").dropna()) >= {True}

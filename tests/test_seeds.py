@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from locbe import stats
 from locbe.cli import main as cli
 from locbe.config import apply_overrides, get_preset
 from locbe.errors import EXIT_ACCEPTANCE, EXIT_BAD_INPUT
+from locbe.report import stats
 
 OVERRIDES = ["crop_size=64", "batch_size=4", "max_steps=6", "warmup_steps=2", "num_workers=0", "log_every=1",
              "ckpt_every=2", "val_every=0", "loc_crop_size=32", "cam_scales=[1.0]"]
@@ -210,8 +210,8 @@ def test_ablation_runs_every_row_for_every_seed_against_the_full_method(root, tm
 def test_seed_report_against_a_published_value(tmp_path):
     """A VOC-like table: three seeds around 70 against the published 73.1 (above every plausible run) and 71.0
     (inside), a failed seed, and the picture."""
-    from locbe.seed_report import metric_row, write_seed_report
-    from locbe.seeds import failed_record, run_record
+    from locbe.report.seed_report import metric_row, write_seed_report
+    from locbe.report.seeds import failed_record, run_record
 
     records = [run_record(fake_run(tmp_path / f"seed-{k}", v, dataset="voc", seed=k), k)
                for k, v in enumerate([0.700, 0.702, 0.698])]

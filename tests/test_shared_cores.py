@@ -1,5 +1,5 @@
 """The ``locbe`` command picks the OpenMP wait settings from the machine's load before torch loads, unless the
-user chose them (locbe/openmp.py; timings in benchmarks/test_bench_cores.py). GNU OpenMP prints the settings
+user chose them (locbe/runtime/openmp.py; timings in benchmarks/test_bench_cores.py). GNU OpenMP prints the settings
 it read when it loads with ``OMP_DISPLAY_ENV=VERBOSE``: that is what the runtime saw, not what the environment
 holds later. Its wait-policy line reads PASSIVE when nothing is set, so the spin count tells the cases apart
 (0: passive, 300000: libgomp's own, which locbe writes out on an idle machine)."""
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from locbe.openmp import (
+from locbe.runtime.openmp import (
     BUSY_FROM_CORES,
     CHOICE_VARIABLE,
     IDLE_SETTINGS,
@@ -247,7 +247,7 @@ def test_a_users_wait_policy_is_kept(tmp_path):
     assert locbe_runtime_settings(tmp_path, GOMP_SPINCOUNT="1000")[1] == "1000"
 
 
-SHOW = ("import os, sys; {pre}from locbe.openmp import apply_shared_core_defaults as a; "
+SHOW = ("import os, sys; {pre}from locbe.runtime.openmp import apply_shared_core_defaults as a; "
         "print(sorted(a(measure=lambda: ({others}, 2)).items()), os.environ.get('OMP_WAIT_POLICY'), "
         "os.environ.get('GOMP_SPINCOUNT'))")
 IDLE = ("[('GOMP_SPINCOUNT', '300000'), ('LOCBE_OMP_WAIT', "

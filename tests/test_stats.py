@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from locbe import stats
-from locbe.seeds import parse_seeds
+from locbe.report import stats
+from locbe.report.seeds import parse_seeds
 
 
 def test_summary_of_1_2_3_by_hand():

@@ -18,10 +18,10 @@ import torch
 from locbe.cli import main as cli
 from locbe.config import apply_overrides, get_preset
 from locbe.data import build_dataset
+from locbe.method.par import PAR
+from locbe.method.regloss import RegularizedLoss
+from locbe.method.step import step_generator, training_step
 from locbe.models import build_model
-from locbe.par import PAR
-from locbe.regloss import RegularizedLoss
-from locbe.step import step_generator, training_step
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,7 @@ def test_resume_of_a_finished_run_says_so_and_rewrites_nothing(synthetic_root, t
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_state(synthetic_root, tmp_path, monkeypatch):
-    from locbe import losses
-
+    from locbe.method import losses
     real = losses.cls_loss
     calls = {"n": 0}
 
@@ -160,10 +159,10 @@ def test_torchrun_two_processes_match_single_process_gradients(synthetic_root, t
     sc/seg/reg/loc computed per rank, as in the authors' multi-GPU runs) it equals the mean of the
     single-process gradients of each rank's half, each with that rank's RNG."""
     from locbe.data import build_dataset
+    from locbe.method.par import PAR
+    from locbe.method.regloss import RegularizedLoss
+    from locbe.method.step import step_generator, training_step
     from locbe.models import build_model
-    from locbe.par import PAR
-    from locbe.regloss import RegularizedLoss
-    from locbe.step import step_generator, training_step
 
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

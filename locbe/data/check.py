@@ -154,8 +154,8 @@ def split_tasks(root: Path, split: str) -> tuple[Path, list[tuple[str, str | Non
 def check_split(dataset: str, root: str | Path, split: str, *, num_classes: int | None = None, full: bool = True,
                 workers: int | None = None, progress: bool = True) -> CheckResult:
     """Check every item of ``split``; ``workers`` processes (default: the cores; 1 runs here, no pool)."""
-    from locbe.device import cpu_cores
-    from locbe.progress import progress_bar
+    from locbe.runtime.device import cpu_cores
+    from locbe.runtime.progress import progress_bar
 
     if dataset not in DATASET_CLASSES:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_CLASSES)}")

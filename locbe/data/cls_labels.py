@@ -15,7 +15,7 @@ import numpy as np
 
 from locbe.data.classes import LABEL_FILE, MASK_DIRS
 from locbe.errors import ConfigError
-from locbe.fileio import atomic_path
+from locbe.runtime.fileio import atomic_path
 
 
 def split_files(root: Path) -> dict[str, Path]:
@@ -73,7 +73,7 @@ def make_cls_labels(root: str | Path, splits: list[str] | None = None, num_class
     """Derive the labels of every image in ``splits`` (default: all non-test lists) and write them to ``out``
     (default ``root/cls_labels_onehot.npy``). Returns (path, labels)."""
     from locbe.data.voc import labels_from_mask, read_mask
-    from locbe.progress import progress_bar
+    from locbe.runtime.progress import progress_bar
 
     root = Path(root)
     if not root.is_dir():

@@ -166,7 +166,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ whole-split check
     def verify(self, progress: bool = False) -> list[str]:
         """Read every item once; returns the names whose label-file entry disagrees with the mask."""
-        from locbe.progress import progress_bar
+        from locbe.runtime.progress import progress_bar
 
         disagree = []
         for i in progress_bar(range(len(self)), desc=f"verify {self.split}", unit="img", disable=not progress):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from locbe.progress import progress_bar
+from locbe.runtime.progress import progress_bar
 
 
 @dataclass(frozen=True)

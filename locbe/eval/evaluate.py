@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from locbe import cam as camlib
 from locbe.data import denormalize
 from locbe.eval.metrics import ConfusionMatrix
 from locbe.eval.protocol import Protocol, get_protocol, protocol_cams, protocol_seg_logits, seg_logits_batch
-from locbe.fileio import atomic_path, atomic_write_json
-from locbe.progress import progress_bar
+from locbe.method import cam as camlib
+from locbe.runtime.fileio import atomic_path, atomic_write_json
+from locbe.runtime.progress import progress_bar
 
 MS_SCALES = (1.0, 1.25, 1.5)
 
@@ -114,7 +114,7 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
         my_chunks,
         sparse_confusion,
     )
-    from locbe.ranks import current_ranks
+    from locbe.runtime.ranks import current_ranks
 
     device = torch.device(device)
     model.eval()
@@ -134,7 +134,7 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     done_mine = sum(1 for c in mine for i in c if i in store.done)
     par = None
     if opts.cam:
-        from locbe.par import PAR
+        from locbe.method.par import PAR
 
         par = PAR().to(device)
     workers = crf_workers(opts.workers, shard)
@@ -290,9 +290,9 @@ def run(args) -> int:
     from locbe.config import get_preset
     from locbe.data import COCO_CLASSES, VOC_CLASSES, build_dataset
     from locbe.data.voc import DATASET_CLASSES
-    from locbe.device import resolve_device
     from locbe.eval.sharded import fingerprint
-    from locbe.ranks import join_process_group
+    from locbe.runtime.device import resolve_device
+    from locbe.runtime.ranks import join_process_group
 
     device = resolve_device(args.device)
     shard = join_process_group(cuda=device.type == "cuda")

@@ -137,8 +137,7 @@ def protocol_seg_logits(model, images: torch.Tensor, out_sizes, protocol: Protoc
 def protocol_cams(model, images: torch.Tensor, out_sizes, protocol: Protocol, amp: str | None = None):
     """Normalised multi-scale CAMs per image ``(1, F, H_i, W_i)``: the protocol's resize, ``multiscale_cam``
     over ``protocol.cam_scales`` x flip, then bilinear back to each output size."""
-    from locbe import cam as camlib
-
+    from locbe.method import cam as camlib
     x = _resize(images, protocol.cam_resize) if protocol.cam_resize is not None else images
     cams, _ = camlib.multiscale_cam(model, x, scales=protocol.cam_scales,
                                     autocast_dtype=AMP_DTYPES[amp])

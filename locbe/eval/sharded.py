@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from locbe.device import cpu_cores
-from locbe.fileio import atomic_write_json
-from locbe.ranks import RankInfo
+from locbe.runtime.device import cpu_cores
+from locbe.runtime.fileio import atomic_write_json
+from locbe.runtime.ranks import RankInfo
 
 
 def chunks(n: int, batch_size: int) -> list[list[int]]:

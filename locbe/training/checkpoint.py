@@ -12,8 +12,8 @@ import torch
 
 from locbe.config import TrainConfig
 from locbe.errors import LocbeError
-from locbe.fileio import atomic_path
-from locbe.openmp import CHOICE_VARIABLE
+from locbe.runtime.fileio import atomic_path
+from locbe.runtime.openmp import CHOICE_VARIABLE
 from locbe.training.rng import rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = 1

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from locbe.errors import LocbeError
-from locbe.ranks import RankInfo, join_process_group
+from locbe.runtime.ranks import RankInfo, join_process_group
 
 
 def setup_distributed(device_pref: str) -> tuple[RankInfo, torch.device]:

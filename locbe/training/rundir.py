@@ -17,12 +17,12 @@ from pathlib import Path
 
 from locbe.config import NOT_HASHED, TrainConfig
 from locbe.errors import ConfigError, MissingPathError, RunDirError
-from locbe.fileio import atomic_write_text
+from locbe.runtime.fileio import atomic_write_text
 
 LOGS = ("log.jsonl", "val.jsonl")
 # how to continue after a stop; `locbe reproduce` has no --resume: it resumes by itself
 RESUME_HINT = "`locbe train ... --resume` (same flags) or the same `locbe reproduce` command continues"
-_STALE_TMP = re.compile(r"^\..+\.tmp\d+(\.[A-Za-z0-9]+)?$")  # locbe.fileio.atomic_path's temp names
+_STALE_TMP = re.compile(r"^\..+\.tmp\d+(\.[A-Za-z0-9]+)?$")  # locbe.runtime.fileio.atomic_path's temp names
 _ABSENT = object()
 
 
@@ -148,7 +148,7 @@ def truncate_logs(out_dir: str | Path, step: int) -> None:
 
 def start(out_dir: str | Path, step: int, config: dict, env: dict) -> None:
     """Rank 0, once the state is loaded: logs cut back to ``step``, then the config and environment recorded."""
-    from locbe.fileio import atomic_write_json
+    from locbe.runtime.fileio import atomic_write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import torch
 
 from locbe.config import TrainConfig
 from locbe.errors import DataError
-from locbe.ranks import RankInfo
+from locbe.runtime.ranks import RankInfo
 from locbe.training.signals import ignore_interrupt_in_worker
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from locbe.regloss.checks import check_inputs
+from locbe.lattice.checks import check_inputs
 
 
 def serial_lattice_filter(image_255: torch.Tensor, values: torch.Tensor, sigma_xy: float, sigma_rgb: float,
                           transpose: bool = False):
     """W S (or W^T S) by the plain serial lattice (float64 accumulation); CPU tensors."""
-    from locbe.regloss.build import load_extension
+    from locbe.lattice.build import load_extension
 
     check_inputs(image_255, values, sigma_xy, sigma_rgb)
     return load_extension().lattice_filter_serial(image_255.cpu(), values.cpu(), float(sigma_xy), float(sigma_rgb),

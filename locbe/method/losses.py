@@ -1,4 +1,4 @@
-"""Loss terms of LOC-BE (method.md "Losses"); the regularized loss lives in locbe.regloss."""
+"""Loss terms of LOC-BE (method.md "Losses"); the regularized loss lives in locbe.method.regloss."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """The reproduction's tables over seeds: per seed, mean, spread, intervals and the verdict against the
-published number (``locbe.stats``), per-class IoU mean +- std, and ``seeds.png``.
+published number (``locbe.report.stats``), per-class IoU mean +- std, and ``seeds.png``.
 
 Files in the report folder:
 
 - ``results.md``: the tables; ``results.csv``: one row per seed and metric (the columns of
-  ``locbe.report.ROW_COLUMNS``), so any statistic can be redone with pandas;
+  ``locbe.report.tables.ROW_COLUMNS``), so any statistic can be redone with pandas;
 - ``summary.csv``: one row per metric with the statistics shown in ``results.md``;
-- ``per_class.csv``: one row per class and seed; ``seeds.json``: every seed's record (``locbe.seeds``), which
+- ``per_class.csv``: one row per class and seed; ``seeds.json``: every seed's record (``locbe.report.seeds``), which
   ``locbe compare`` reads; ``seeds.png``: the picture.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from locbe import stats
-from locbe.fileio import atomic_path, atomic_write_text
-from locbe.report import ROW_COLUMNS, _markdown, make_row
+from locbe.report import stats
+from locbe.report.tables import ROW_COLUMNS, _markdown, make_row
+from locbe.runtime.fileio import atomic_path, atomic_write_text
 
 SUMMARY_COLUMNS = ["method", "backbone", "dataset", "split", "metric", "reported", "n", "seeds", "mean", "std",
                    "min", "max", "ci95_low", "ci95_high", "pi95_low", "pi95_high", "delta", "verdict", "status"]

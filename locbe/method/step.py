@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from locbe import cam as camlib
-from locbe import losses
-from locbe.bench import Stopwatch
 from locbe.config import TrainConfig
 from locbe.data import denormalize, denormalize_uint8
+from locbe.method import cam as camlib
+from locbe.method import losses
+from locbe.runtime.stopwatch import Stopwatch
 
 
 @dataclass
@@ -52,7 +52,7 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 class _Timer:
     """Optional per-component time breakdown for benchmarks (no-op unless given a dict); CUDA events
-    on a GPU (locbe.bench.Stopwatch)."""
+    on a GPU (locbe.runtime.stopwatch.Stopwatch)."""
 
     def __init__(self, sink: dict[str, float] | None, device: torch.device):
         self.sink, self.device = sink, device

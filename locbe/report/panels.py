@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from locbe.data.classes import IGNORE_INDEX
-from locbe.fileio import atomic_path
+from locbe.runtime.fileio import atomic_path
 
 REGION_NAMES = ("background", "uncertain", "confident")  # regions 0 / 1 / 2, as method.md names them
 REGION_COLORS = np.array([[40, 40, 40], [230, 200, 40], [220, 40, 40]], dtype=np.uint8)

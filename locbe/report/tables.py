@@ -1,4 +1,4 @@
-"""Result tables (Markdown + CSV) against the reported numbers and per-class IoU (panels: locbe/panels.py)."""
+"""Result tables (Markdown + CSV) against the reported numbers and per-class IoU (panels: locbe/report/panels.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from locbe.fileio import atomic_write_text
+from locbe.runtime.fileio import atomic_write_text
 
 ROW_COLUMNS = ["method", "backbone", "dataset", "split", "metric", "reported", "reproduced", "delta", "status",
                "commit", "config_hash", "seed", "device", "torch", "timm"]

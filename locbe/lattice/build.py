@@ -1,7 +1,7 @@
 """Build-on-first-use of the lattice op library (``locbe build-ext`` builds ahead of time).
 
 The kernel sources are the repository's ``cuda/`` folder; a non-editable install carries a copy of them as
-package data (``locbe/regloss/csrc``, copied at build time by setup.py), so the op builds wherever locbe is
+package data (``locbe/lattice/csrc``, copied at build time by setup.py), so the op builds wherever locbe is
 installed. ``LOCBE_CUDA_SRC`` overrides the folder. The library registers the custom ops
 ``locbe::lattice_filter`` (CPU, and CUDA when built with nvcc) and ``locbe::lattice_filter_serial`` with
 ``TORCH_LIBRARY``; loading it makes them available as ``torch.ops.locbe.*``.
@@ -93,7 +93,7 @@ def _stage_sources(build_directory: Path) -> Path:
     whoever builds. A file is written only when absent (atomically, so a concurrent builder reads the old or
     the new file, never half of one): rewriting it would make it newer than the library and ninja would
     rebuild. Its content is the cached one by construction, since the folder's key hashes the sources."""
-    from locbe.fileio import atomic_path
+    from locbe.runtime.fileio import atomic_path
 
     staged = build_directory / "src"
     staged.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ def build_cuda(build_directory: str, archs: str = DEFAULT_CUDA_ARCHS, verbose: b
         raise RuntimeError("nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend")
     # torch guesses CUDA_HOME once at import, from nvcc on PATH (a wrapper script misleads it): name it
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, CUDA_HOME=str(home))
-    code = ("import sys, pathlib; from locbe.regloss.build import _load; "
+    code = ("import sys, pathlib; from locbe.lattice.build import _load; "
             "_load('locbe_lattice_cuda_build', True, pathlib.Path(sys.argv[1]), verbose=sys.argv[2] == '1')")
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

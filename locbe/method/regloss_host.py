@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from locbe.regloss.op import RegularizedLoss
+from locbe.method.regloss import RegularizedLoss
 
 
 class _HostGatedRegLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image_255, probs, crop_mask, pseudo_label, weight, sigma_xy, sigma_rgb):
-        from locbe.regloss.reference import serial_lattice_filter
+        from locbe.lattice.reference import serial_lattice_filter
 
         n = probs.shape[0]
         gate = crop_mask - probs.detach().max(dim=1).values

@@ -3,7 +3,7 @@
 Each argument is a run directory (``config.json`` and ``eval/*.json``), a folder of seed run directories
 (``seed-<k>/``, what ``locbe reproduce --seeds`` makes), or a report folder (``seeds.json``). Every later one
 is compared with the first: the difference of means (later - first), and where both sides have two seeds or
-more Welch's t-test (two-sided) with a verdict at p < 0.05 (``locbe.stats.welch``). Runs evaluated on another
+more Welch's t-test (two-sided) with a verdict at p < 0.05 (``locbe.report.stats.welch``). Runs evaluated on another
 dataset, split, protocol or number of images are refused: their numbers measure different things.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from locbe import stats
 from locbe.errors import ConfigError, MissingPathError
-from locbe.fileio import atomic_write_text
-from locbe.report import _markdown
-from locbe.seeds import METRIC_SOURCES, run_record, seed_dirs
+from locbe.report import stats
+from locbe.report.seeds import METRIC_SOURCES, run_record, seed_dirs
+from locbe.report.tables import _markdown
+from locbe.runtime.fileio import atomic_write_text
 
 COLUMNS = ["metric", "class", "split", "reference", "reference_n", "reference_mean", "reference_std", "variant",
            "variant_n", "variant_mean", "variant_std", "difference", "welch_t", "p_value", "verdict"]
