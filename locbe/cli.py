@@ -17,6 +17,7 @@ import inspect
 import signal
 import sys
 
+from locbe.runtime.numerics import NUMERICS_CHOICES, apply_pinned_numerics, say_overrides
 from locbe.runtime.openmp import apply_shared_core_defaults
 
 # name -> (module, one-line help)
@@ -59,7 +60,31 @@ def _add_arguments(module_name: str, parser: argparse.ArgumentParser, argv: list
 def main(argv: list[str] | None = None) -> int:
     apply_shared_core_defaults()  # before any subcommand imports torch (locbe/runtime/openmp.py)
     argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if chosen is not None and "torch" not in sys.modules:  # libraries read these once, when they first run
+        if numerics_from_argv(argv[chosen], argv[chosen + 1:]) == "pinned":
+            say_overrides(apply_pinned_numerics())
     return _run(build_parser(argv).parse_args(argv))
+
+
+def numerics_from_argv(command: str, argv: list[str]) -> str:
+    """The ``cpu_numerics`` a ``locbe train`` / ``reproduce`` command line will run with (its preset's, or
+    ``--set cpu_numerics=...``), read without importing torch; "native" for every other command."""
+    if command not in ("train", "reproduce"):
+        return "native"
+    from locbe.config import PRESETS, get_preset
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    pre.add_argument("--set", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    preset = known.preset or importlib.import_module(COMMANDS[command][0]).DEFAULT_PRESET
+    chosen = get_preset(preset).cpu_numerics if preset in PRESETS else "native"
+    for item in known.set:
+        key, _, value = item.partition("=")
+        if key.strip() == "cpu_numerics" and value.strip() in NUMERICS_CHOICES:
+            chosen = value.strip()
+    return chosen
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

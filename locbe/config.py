@@ -110,6 +110,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
     deterministic: bool = False
+    # "pinned": one intra-op thread and the AVX2 code paths of ATen, MKL and oneDNN, so that a CPU run gives the
+    # same floats on any x86-64 CPU with AVX2 whatever its cores (locbe/runtime/numerics.py; the smoke presets,
+    # whose published numbers a user checks); "native": whatever the machine and environment choose
+    cpu_numerics: Literal["native", "pinned"] = "native"
     fast_step: bool = False  # fewer passes, maths unchanged (issue 6, locbe/method/step.py)
     cam_bf16: bool = False  # bf16 autocast for the no-grad CAM views only: faster, changes the CAMs slightly
     out_dir: str = "runs/voc"
@@ -227,7 +231,8 @@ def _smoke(**kw) -> TrainConfig:
         preset="smoke", dataset="synthetic", data_root="data/synthetic", train_split="train_aug",
         backbone="vit_micro_patch16", crop_size=128, photometric_aug=False, batch_size=8, max_steps=1200, lr=5e-4,
         head_lr_mult=10.0, warmup_steps=60, phases=_voc_phases(seg_start=200), num_workers=2,
-        log_every=10, val_every=400, ckpt_every=100, fast_step=True, out_dir="runs/smoke", **kw,
+        log_every=10, val_every=400, ckpt_every=100, fast_step=True, cpu_numerics="pinned", out_dir="runs/smoke",
+        **kw,
     )
 
 

@@ -22,6 +22,8 @@ from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
 from locbe.errors import AcceptanceError, ConfigError, MissingPathError
 from locbe.runtime.device import DEVICE_CHOICES
 
+DEFAULT_PRESET = "smoke"
+
 NOT_COMPARABLE = "not comparable to the paper: synthetic data, micro ViT from scratch"
 # seg mIoU (single scale) / best trivial baseline must reach this for the run to pass (exit code 3 otherwise)
 ACCEPTANCE = {"smoke": 2.0}
@@ -220,8 +222,11 @@ def _run_seeds(stages, cfgs: list[TrainConfig], progress: bool, force_new: bool,
                name: str = "seed") -> tuple[list[dict], Path | None]:
     """Every seed's record (in order) and the first finished seed's checkpoint (for the panels)."""
     records, first = [], None
+    from locbe.runtime.numerics import pinned_threads
+
     for i, c in enumerate(cfgs):
-        rec, ck = _run_seed(stages, c, progress, force_new, isolate, f"{name} {c.seed} ({i + 1}/{len(cfgs)})")
+        with pinned_threads(c.cpu_numerics):  # training and evaluation alike
+            rec, ck = _run_seed(stages, c, progress, force_new, isolate, f"{name} {c.seed} ({i + 1}/{len(cfgs)})")
         records.append(rec)
         first = first or ck
     return records, first
@@ -407,7 +412,7 @@ def _reported(method: str, dataset: str, key: str, protocol, split: str):
 def add_arguments(p, argv=()) -> None:
     from locbe.training.cli import preset_from_argv
 
-    cfg = get_preset(preset_from_argv(argv, "smoke"))
+    cfg = get_preset(preset_from_argv(argv, DEFAULT_PRESET))
     d = f"(preset {cfg.preset}: %(default)s)"
     p.add_argument("--preset", default=cfg.preset, choices=[n for n in PRESETS],
                    help="named configuration; the defaults below are this preset's")

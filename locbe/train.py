@@ -32,6 +32,7 @@ from tqdm import tqdm
 from locbe.config import TrainConfig
 from locbe.data.check import check_before_training
 from locbe.errors import DataError, NonFiniteLossError, one_line
+from locbe.runtime.numerics import pinned_threads, pinned_warning
 from locbe.runtime.openmp import LateNeighbourWatch
 from locbe.runtime.ranks import RankInfo
 from locbe.training import rundir
@@ -61,10 +62,17 @@ class TrainResult:
     last_losses: dict[str, float]
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
-          progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True) -> TrainResult:
-    """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks);
-    ``check_data``: the fast data check (locbe.data.check) of the splits the run reads, before anything is written."""
+def train(cfg: TrainConfig, **kwargs) -> TrainResult:
+    """Train ``cfg`` into ``cfg.out_dir`` (keywords: ``_train``'s), with the CPU numerics the config asks for
+    (``cpu_numerics``: pinned runs use one intra-op thread for the run, locbe/runtime/numerics.py)."""
+    with pinned_threads(cfg.cpu_numerics):
+        return _train(cfg, **kwargs)
+
+
+def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
+           progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True) -> TrainResult:
+    """``max_steps_this_run`` stops early (tests, resumable chunks); ``check_data``: the fast data check
+    (locbe.data.check) of the splits the run reads, before anything is written."""
     from locbe.method.step import step_generator, training_step
     from locbe.runtime.progress import progress_bar
 
@@ -90,7 +98,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     step = load_training_state(last_path, net, optimizer) if resume else 0
     broadcast_parameters(net, info.world_size)
     if info.is_main:
-        rundir.start(out_dir, step, cfg.to_dict(), environment_info(cfg, device, info.world_size))
+        env = environment_info(cfg, device, info.world_size)
+        rundir.start(out_dir, step, cfg.to_dict(), env)
+        if (warning := pinned_warning(env["numerics"])) and device.type == "cpu":
+            print(f"locbe train: {warning}", file=sys.stderr)
 
     params = [p for p in net.parameters() if p.requires_grad]
     n_batches = batches_per_epoch(dataset, cfg, info)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from locbe.training.cli import add_arguments, config_from_args
+from locbe.training.cli import DEFAULT_PRESET, add_arguments, config_from_args  # noqa: F401 (cli reads it)
 
 __all__ = ["add_arguments", "run"]
 

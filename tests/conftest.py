@@ -6,8 +6,17 @@ examples; locally it explores new examples each run.
 
 import os
 
-import torch
-from hypothesis import HealthCheck, settings
+from locbe.runtime.numerics import PINNED_ENV
+
+# The library code paths of cpu_numerics="pinned" (the smoke presets), set as the `locbe` command sets them:
+# before torch loads, since ATen, MKL and oneDNN read them once. The thread count stays the session's
+# (pinned runs set theirs for the run); the test's numbers are then the same on any AVX2 CPU.
+for _name, _value in PINNED_ENV.items():
+    if "THREADS" not in _name:
+        os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -108,8 +108,10 @@ def test_failed_seed_then_resume_of_the_second_seed_then_rerender_and_compare(ro
     overall = cmp[cmp["class"] == "all"].set_index("metric")
     assert overall.loc[SEG, "difference"] == 0 and overall.loc[SEG, "verdict"] == stats.NOISE
     assert set(overall.index) == {SEG, "seg mIoU (MS+CRF)", "CAM mIoU", "pseudo-label mIoU (PAR)"}
-    assert cli(["compare", str(out / "seed-0"), str(out)]) == 0
-    assert "no test: needs >= 2 seeds on both sides" in capsys.readouterr().out
+    assert cli(["compare", str(out / "seed-0"), str(out)]) == 0  # one of the two seeds: inside their range
+    printed = capsys.readouterr().out
+    assert f"inside the run-to-run range of {out}" in printed and printed.rstrip().endswith(
+        "consistent: all 4 mIoU inside the run-to-run range (95 % prediction interval)")
 
 
 def test_single_seed_default_keeps_one_run_directory():
@@ -170,6 +172,36 @@ def test_compare_refuses_different_evaluations(tmp_path, capsys, change, named):
     assert cli(["compare", str(a), str(b)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err and str(a) in err and str(b) in err
+
+
+def published_report(path: Path, values) -> Path:
+    """A report folder as `locbe reproduce --seeds` publishes it (seeds.json), from fake seed runs."""
+    from locbe.report.seeds import run_record
+
+    runs = group(path.parent / f"{path.name}-runs", values)
+    path.mkdir(parents=True)
+    records = [run_record(runs / f"seed-{k}", k) for k in range(len(values))]
+    (path / "seeds.json").write_text(json.dumps({"title": "published", "records": records}))
+    return path
+
+
+# published seeds 48, 50, 52: mean 50, s = 2, t(0.975, 2) = 4.3027, PI of one run = 50 +- 4.3027 * 2 * sqrt(4/3)
+# = [40.063, 59.937] (worked by hand)
+@pytest.mark.parametrize("seg, verdict, code", [(0.41, "inside", 0), (0.599, "inside", 0), (0.40, "below", 3),
+                                                (0.60, "above", 3)])
+def test_compare_one_run_against_a_published_report(tmp_path, capsys, seg, verdict, code):
+    published = published_report(tmp_path / "published", [0.48, 0.50, 0.52])
+    run = fake_run(tmp_path / "mine", seg)
+    assert cli(["compare", str(run), str(published), "--out", str(tmp_path / "cmp")]) == code
+    out = capsys.readouterr().out
+    row = pd.read_csv(tmp_path / "cmp" / "comparison.csv").query("`class` == 'all'").iloc[0]
+    assert row.verdict == f"{verdict} the published run-to-run range"
+    assert (row.range_low, row.range_high) == (pytest.approx(40.063, abs=1e-3), pytest.approx(59.937, abs=1e-3))
+    assert "[40.06, 59.94]" in out and f"{verdict} the published run-to-run range" in out
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("consistent:" if code == 0 else "not consistent: 1 of 1 mIoU outside")
+    # the order of the arguments does not matter for this check
+    assert cli(["compare", str(published), str(run)]) == code
 
 
 def test_compare_refuses_what_is_not_a_run(tmp_path, capsys):

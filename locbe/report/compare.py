@@ -3,8 +3,12 @@
 Each argument is a run directory (``config.json`` and ``eval/*.json``), a folder of seed run directories
 (``seed-<k>/``, what ``locbe reproduce --seeds`` makes), or a report folder (``seeds.json``). Every later one
 is compared with the first: the difference of means (later - first), and where both sides have two seeds or
-more Welch's t-test (two-sided) with a verdict at p < 0.05 (``locbe.report.stats.welch``). Runs evaluated on another
-dataset, split, protocol or number of images are refused: their numbers measure different things.
+more Welch's t-test (two-sided) with a verdict at p < 0.05 (``locbe.report.stats.welch``). Where one side is a
+single run and the other has two seeds or more (``locbe compare RUN PUBLISHED_REPORT``: "is my run consistent with
+yours?"), the single run is placed against the other side's 95 % prediction interval of one run: "inside the
+published run-to-run range", "below ..." or "above ..."; the command then exits 3 when an mIoU falls outside.
+Runs evaluated on another dataset, split, protocol or number of images are refused: their numbers measure
+different things.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from locbe.report.tables import _markdown
 from locbe.runtime.fileio import atomic_write_text
 
 COLUMNS = ["metric", "class", "split", "reference", "reference_n", "reference_mean", "reference_std", "variant",
-           "variant_n", "variant_mean", "variant_std", "difference", "welch_t", "p_value", "verdict"]
+           "variant_n", "variant_mean", "variant_std", "difference", "welch_t", "p_value", "range_low", "range_high",
+           "verdict"]
+EXIT_OUTSIDE = 3  # a single run outside the other side's run-to-run range (README "Exit codes")
 # what must agree for two numbers to be comparable (per metric); autocast or device may differ: that is a variant
 SAME = ("split", "protocol", "num_images")
 
@@ -30,8 +36,8 @@ SAME = ("split", "protocol", "num_images")
 def load_records(path: str | Path) -> list[dict]:
     """The finished seeds' records of a report folder, a folder of seed run directories, or one run directory."""
     path = Path(path)
-    if (path / "seeds.json").is_file():
-        records = json.loads((path / "seeds.json").read_text())["records"]
+    if (path / "seeds.json").is_file():  # a report folder: what `locbe reproduce` published
+        records = [{**r, "from_report": True} for r in json.loads((path / "seeds.json").read_text())["records"]]
     elif seed_dirs(path):
         records = [run_record(d, k) for k, d in seed_dirs(path)]
     elif (path / "config.json").is_file() or (path / "eval").is_dir():
@@ -108,11 +114,33 @@ def comparison_frame(reference: tuple[str, list[dict]], variants: list[tuple[str
                 d = stats.welch(a, b, ref_label, label)
                 na, ma, sa = _side(a)
                 nb, mb, sb = _side(b)
+                check = _single_run_check(a, b, ref_label, label, ref, recs)
+                low, high, verdict = check or (math.nan, math.nan, d.verdict)
                 rows.append({"metric": m, "class": cls, "split": ref[0]["metrics"][m]["split"],
                              "reference": ref_label, "reference_n": na, "reference_mean": ma, "reference_std": sa,
                              "variant": label, "variant_n": nb, "variant_mean": mb, "variant_std": sb,
-                             "difference": d.diff, "welch_t": d.t, "p_value": d.p, "verdict": d.verdict})
+                             "difference": d.diff, "welch_t": d.t, "p_value": d.p, "range_low": low,
+                             "range_high": high, "verdict": verdict})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _is_published(records: list[dict]) -> bool:
+    return bool(records) and all(r.get("from_report") for r in records)
+
+
+def _single_run_check(a, b, label_a, label_b, recs_a, recs_b) -> tuple[float, float, str] | None:
+    """Where one side is a single run and the other has >= 2 seeds: that side's prediction interval of one run
+    and where the single run falls in it; None otherwise (Welch's test, or no test, applies)."""
+    a, b = stats.finite(a), stats.finite(b)
+    if len(a) == 1 and len(b) >= 2:
+        run, many, many_label, many_recs = a[0], b, label_b, recs_b
+    elif len(b) == 1 and len(a) >= 2:
+        run, many, many_label, many_recs = b[0], a, label_a, recs_a
+    else:
+        return None
+    s = stats.summarize(many)
+    where = "published run-to-run range" if _is_published(many_recs) else f"run-to-run range of {many_label}"
+    return s.pi_low, s.pi_high, f"{stats.run_in_range(run, s)} the {where}"
 
 
 def _class_names(n: int) -> list[str]:
@@ -139,12 +167,17 @@ def comparison_markdown(df: pd.DataFrame, title: str) -> str:
             "variant": [f"{lab}: {_cell(n, m, s)}" for lab, n, m, s in zip(
                 part.variant, part.variant_n, part.variant_mean, part.variant_std)],
             "difference": part.difference.map(lambda x: f"{x:+.2f}"), "p (Welch)": part.p_value.map(_p),
+            **({"95 % PI of one run": [None if math.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]"
+                                       for lo, hi in zip(part.range_low, part.range_high)]}
+               if part.range_low.notna().any() else {}),
             "verdict": part.verdict})
         return _markdown(shown, disable_numparse=True)
 
     overall, per_class = df[df["class"] == "all"], df[df["class"] != "all"]
     md = [f"# {title}", "", "mIoU in %: mean ± sample std over seeds (n seeds); difference = variant - reference; "
-          "p: Welch's two-sided t-test where both sides have >= 2 seeds; verdict at p < 0.05.", "",
+          "p: Welch's two-sided t-test where both sides have >= 2 seeds; verdict at p < 0.05. Where one side is a "
+          "single run and the other has >= 2 seeds, the single run is placed against the other side's 95 % "
+          "prediction interval of one run (mean ± t · s · sqrt(1 + 1/n)): inside it, the gap is seed noise.", "",
           table(overall, False), ""]
     if len(per_class):
         md += ["## Per class (IoU %)", "", table(per_class, True), ""]
@@ -180,4 +213,23 @@ def run(args) -> int:
     print(comparison_markdown(df, title))
     if args.out:
         print(f"\nwritten: {Path(args.out) / 'comparison.md'}, {Path(args.out) / 'comparison.csv'}")
+    verdict = consistency_verdict(df)
+    if verdict is not None:
+        print(verdict[1])
+        return verdict[0]
     return 0
+
+
+def consistency_verdict(df: pd.DataFrame) -> tuple[int, str] | None:
+    """(exit code, one line) when the comparison placed a single run against a run-to-run range: 0 when every
+    mIoU (class "all") is inside, ``EXIT_OUTSIDE`` otherwise; None when no such check was made. Per-class rows
+    do not count: 21 classes x 4 metrics at 95 % put some outside by chance."""
+    checked = df[(df["class"] == "all") & df.range_low.notna()]
+    if checked.empty:
+        return None
+    outside = checked[~checked.verdict.str.startswith(stats.RUN_INSIDE)]
+    if outside.empty:
+        return 0, f"consistent: all {len(checked)} mIoU inside the run-to-run range (95 % prediction interval)"
+    names = ", ".join(f"{m} {v.split(' the ')[0]}" for m, v in zip(outside.metric, outside.verdict))
+    return EXIT_OUTSIDE, (f"not consistent: {len(outside)} of {len(checked)} mIoU outside the run-to-run range "
+                          f"({names}); exit {EXIT_OUTSIDE}")

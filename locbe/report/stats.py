@@ -108,3 +108,19 @@ def welch(a, b, label_a: str = "A", label_b: str = "B", alpha: float = ALPHA) ->
     t, p = float(res.statistic), float(res.pvalue)
     verdict = NOISE if not p < alpha else (f"{label_b} better" if diff > 0 else f"{label_a} better")
     return Difference(diff, t, p, verdict)
+
+
+RUN_INSIDE, RUN_BELOW, RUN_ABOVE = "inside", "below", "above"
+
+
+def run_in_range(value: float, s: Summary) -> str:
+    """Where one run's value falls against the prediction interval of one run of ``s`` (ends included):
+    "inside" (the gap is seed noise), "below" or "above" (not what those runs produce from seed to seed).
+    Needs ``s.n >= 2``."""
+    if s.n < 2:
+        raise ValueError("a run-to-run range needs two runs or more")
+    if value < s.pi_low:
+        return RUN_BELOW
+    if value > s.pi_high:
+        return RUN_ABOVE
+    return RUN_INSIDE

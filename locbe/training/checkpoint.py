@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from locbe.config import TrainConfig
+from locbe.data.digest import dataset_digest
 from locbe.errors import LocbeError
 from locbe.runtime.fileio import atomic_path
+from locbe.runtime.numerics import numerics_record
 from locbe.runtime.openmp import CHOICE_VARIABLE
 from locbe.training.rng import rng_state, set_rng_state
 
@@ -61,6 +63,8 @@ def environment_info(cfg: TrainConfig, device: torch.device, world_size: int) ->
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "omp_wait_choice": os.environ.get(CHOICE_VARIABLE),
-        "seed": cfg.seed, "deterministic": cfg.deterministic,
+        "seed": cfg.seed, "deterministic": cfg.deterministic, "num_workers": cfg.num_workers,
         "commit": commit, "config_hash": cfg.config_hash(), "argv": sys.argv,
+        # every other factor that changes a CPU run's floats (locbe/runtime/numerics.py) and the data it read
+        "numerics": numerics_record(cfg.cpu_numerics), "data": dataset_digest(cfg.data_root),
     }
