@@ -150,6 +150,16 @@ def _panels(checkpoint: Path, cfg: TrainConfig, out_dir: Path, n: int = 4) -> No
             write_panel(out_dir / "panels" / f"{item['name']}.png", panel, voc_palette())
 
 
+def command_line() -> str:
+    """This process's command as a user would type it (``locbe ...``), for the report: which command wrote it."""
+    import shlex
+    import sys
+
+    if Path(sys.argv[0]).name not in ("locbe", "cli.py", "__main__.py"):
+        return "locbe.reproduce called from Python"
+    return "locbe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def acceptance_ratio(seg_miou: float, baselines: dict) -> float:
     """seg mIoU over the best trivial baseline (all background, or the image label on every pixel)."""
     best = max(baselines["all_background"]["miou"], baselines["image_label_everywhere"]["miou"])
@@ -342,6 +352,7 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
                          full, variants, metrics=["seg mIoU (single scale)"])
         notes.append("Ablation, each row against the full method (difference of means, Welch's t-test): "
                      "`ablation.md`.")
+    notes.append(f"Written by `{command_line()}`.")
     write_seed_report(out_dir, f"locbe reproduce: {cfg.preset}", rows, records, notes, VOC_CLASSES,
                       ["seg (single)", "seg (MS+CRF)", "CAM (train)"])
     _panels(checkpoint, cfg, out_dir)
@@ -393,6 +404,7 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: b
              f"fidelity={cfg.fidelity} (docs/fidelity.md).", PANELS_NOTE]
     if _EVAL_CAPS.get("rehearsal"):
         notes.append(f"Rehearsal: {_EVAL_CAPS['rehearsal']}; checks the code path, not the numbers.")
+    notes.append(f"Written by `{command_line()}`.")
     write_seed_report(reports, f"locbe reproduce: {cfg.preset}", rows, records, notes, names, ["seg (MS+CRF)"])
     _panels(checkpoint, cfg, reports, n=min(4, _EVAL_CAPS.get("max_images") or 4))
     print((reports / "results.md").read_text())

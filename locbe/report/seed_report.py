@@ -143,11 +143,19 @@ def per_class_frames(records: list[dict], class_names: list[str], columns: list[
 
 
 def environment_frame(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{"seed": r["seed"], "run dir": r["run_dir"],
-                          "status": "ok" if r["status"] == "ok" else f"failed (exit {r['exit_code']})",
-                          **{k: r.get("env", {}).get(k) for k in ("commit", "config_hash", "device", "torch",
-                                                                    "timm")}}
-                         for r in records])
+    """One row per seed with what changes its numbers (docs/reproducibility.md): code, config, versions, the
+    CPU numerics in force, the data read."""
+    rows = []
+    for r in records:
+        env = r.get("env", {})
+        num, data = env.get("numerics") or {}, env.get("data") or {}
+        rows.append({"seed": r["seed"], "run dir": r["run_dir"],
+                     "status": "ok" if r["status"] == "ok" else f"failed (exit {r['exit_code']})",
+                     **{k: env.get(k) for k in ("commit", "config_hash", "device", "torch", "timm", "numpy")},
+                     "threads": env.get("threads"), "cpu numerics": num.get("cpu_numerics"),
+                     "ATen capability": num.get("cpu_capability"), "MKL_CBWR": (num.get("env") or {}).get("MKL_CBWR"),
+                     "CPU": num.get("cpu"), "data sha256": data.get("sha256")})
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
 
 
 HOW_TO_READ = [
