@@ -24,7 +24,8 @@ def run(args) -> int:
 
     try:
         result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new,
-                       progress=not args.no_progress, check_data=not args.no_check_data)
+                       progress=not args.no_progress, check_data=not args.no_check_data,
+                       tensorboard=args.tensorboard)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
