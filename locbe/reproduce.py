@@ -365,9 +365,11 @@ def acceptance_verdict(ratio: float, line: float | None, n_ok: int) -> str:
     return f"{judged}: {'passed' if ratio >= line else 'FAILED'}"
 
 
-def print_summary(out_dir: Path, records: list[dict], metrics: list[str], verdict: str | None = None) -> None:
-    """The end of ``reproduce`` on the terminal: the headline metrics (one value, or mean +- std over the seeds),
-    the acceptance verdict, and where the report is; the report itself is ``results.md``."""
+def print_summary(out_dir: Path, records: list[dict], metrics: list[str], verdict: str | None = None,
+                  published: dict[str, str] | None = None) -> None:
+    """The end of ``reproduce`` on the terminal: the headline metrics (one value, or mean +- std over the seeds;
+    ``published``: metric -> "published X: verdict"), the acceptance verdict, and where the report is; the
+    report itself is ``results.md``."""
     import statistics
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -384,7 +386,8 @@ def print_summary(out_dir: Path, records: list[dict], metrics: list[str], verdic
         split = next(r["metrics"][m]["split"] for r in ok if m in r["metrics"])
         text = (f"{statistics.mean(values):6.2f} +- {statistics.stdev(values):.2f} (mean +- std over "
                 f"{len(values)} seeds)" if many and len(values) > 1 else f"{values[0]:6.2f}")
-        lines.append(f"  {m:<{width}}  {text}  [{split}]")
+        lines.append(f"  {m:<{width}}  {text}  [{split}]" + (f"  {published[m]}" if published and m in published
+                                                               else ""))
     if verdict:
         lines.append(f"  {verdict}")
     report = out_dir / "results.md"
@@ -439,7 +442,11 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: b
         notes.append(f"Rehearsal: {_EVAL_CAPS['rehearsal']}; checks the code path, not the numbers.")
     write_seed_report(reports, f"locbe reproduce: {cfg.preset}", rows, records, notes, names, ["seg (MS+CRF)"])
     _panels(checkpoint, cfg, reports, n=min(4, _EVAL_CAPS.get("max_images") or 4))
-    print_summary(reports, records, [m for _, m, _, _ in metrics])
+    from locbe.report import stats
+
+    published = {r.metric: f"published {r.reported:.1f}: {stats.reported_verdict(r.reported, r.summary())}"
+                 for r in rows if r.reported is not None and r.values()}
+    print_summary(reports, records, [m for _, m, _, _ in metrics], published=published)
     return reports, records
 
 

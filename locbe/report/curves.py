@@ -145,7 +145,8 @@ def write_run_curves(run_dir: str | Path, title: str | None = None) -> Path | No
     rows, config = _read_run(run_dir)
     if not rows:
         return None
-    title = title or f"training curves: {config.get('preset', '?')}, seed {config.get('seed', '?')}  ({run_dir})"
+    where = Path(*run_dir.parts[-2:]) if len(run_dir.parts) > 1 else run_dir  # the end of the path: fits one line
+    title = title or f"training curves: {config.get('preset', '?')}, seed {config.get('seed', '?')}  ({where})"
     fig = build_run_figure(rows, phase_boundaries(config, rows[-1]["step"]), title)
     path = run_dir / CURVES_NAME
     _save(fig, path)
@@ -186,6 +187,8 @@ def build_seed_figure(runs: Sequence[tuple[str, Sequence[dict]]], boundaries: Se
     fig = _new_figure(size)
     w, h = size
     tw, th = SEED_TILE
+    steps = [r["step"] for _, rows in runs for r in rows]
+    span = (min(steps), max(steps)) if steps else (0, 1)  # every plot over the same steps: a late term starts late
     for i, key in enumerate(series):
         r, c = divmod(i, SEED_COLUMNS)
         y0 = h - SEED_TOP - (r + 1) * th
@@ -194,6 +197,7 @@ def build_seed_figure(runs: Sequence[tuple[str, Sequence[dict]]], boundaries: Se
             xs, ys = _points(rows, key)
             ax.plot(xs, ys, color=f"C{j % 10}", linewidth=1.0, alpha=0.85, label=label)
         _mark_phases(ax, boundaries, label=False)
+        ax.set_xlim(span[0] - 0.02 * (span[1] - span[0]), span[1] + 0.02 * (span[1] - span[0]))
         ax.set_title("learning rate" if key == "lr" else ("total (weighted sum)" if key == "total" else key),
                      fontsize=10)
         ax.tick_params(labelsize=8)
