@@ -31,6 +31,9 @@ def run(args) -> int:
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {result.step}, checkpoint {result.checkpoint}")
+        curves = result.out_dir / "curves.png"
+        if curves.is_file():
+            print(f"training curves: {curves}")
         if result.last_losses:
             print("last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.last_losses.items())))
     return 0
