@@ -6,7 +6,7 @@ command name to that module so start-up stays cheap: torch/timm are imported
 only when a command runs, never for ``--help``.
 
 Errors the operator can fix (``locbe.errors.LocbeError``, missing/existing files) print one line
-and exit with a code from the README's "Exit codes"; ``--debug`` prints the traceback too.
+and exit with a code from docs/runs.md "Exit codes"; ``--debug`` prints the traceback too.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ def _smoke(**kw) -> TrainConfig:
     Unlike the paper's recipe, no photometric augmentation (``photometric_aug=False``): the synthetic
     classes are told apart by hue (20 hues 12-32 degrees apart) and texture frequency, which the authors'
     hue jitter (+-36 degrees), grayscale and blur wipe out; with them the micro ViT barely learns to
-    classify in 1200 steps (seg mIoU 32 against 51.5 without, same steps and time; README)."""
+    classify in 1200 steps (seg mIoU 32 against 51.5 without, same steps and time; docs/smoke.md)."""
     return TrainConfig(
         preset="smoke", dataset="synthetic", data_root="data/synthetic", train_split="train_aug",
         backbone="vit_micro_patch16", crop_size=128, photometric_aug=False, batch_size=8, max_steps=1200, lr=5e-4,

@@ -1,4 +1,4 @@
-"""User-facing errors and the exit codes of the ``locbe`` command (README "Exit codes").
+"""User-facing errors and the exit codes of the ``locbe`` command (docs/runs.md "Exit codes").
 
 A ``LocbeError`` is something the operator can fix (a path, a flag, a file, a config): the command
 prints its message as one line and exits with the error's ``exit_code``; ``--debug`` adds the

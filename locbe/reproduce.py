@@ -8,7 +8,7 @@ same tables. A run directory made with another config is not reused (``--force-n
 Without ``--seeds`` one run in ``<out>``; with it, seed k in ``<out>/seed-<k>`` (``locbe.report.seeds``), one after
 the other, and the tables give mean, spread and intervals over the seeds (``locbe.report.seed_report``). A seed that
 fails is reported as failed; the others go on and are tabulated.
-Exit codes (README): 0 when every stage ran and the preset's acceptance line held (on the mean over the
+Exit codes (docs/runs.md): 0 when every stage ran and the preset's acceptance line held (on the mean over the
 seeds), 3 when it did not; with a failed seed, that seed's exit code (after the others' tables are written).
 """
 
@@ -44,7 +44,8 @@ def _stage_train(cfg: TrainConfig, progress: bool, force_new: bool = False) -> P
     resume = last.exists() and not force_new
     print(f"[train] {'resuming' if resume else 'starting'} {cfg.preset} in {cfg.out_dir}")
     # the data were checked once for every stage (_check_data)
-    return train(cfg, resume=resume, force_new=force_new, progress=progress, check_data=False).checkpoint
+    return train(cfg, resume=resume, force_new=force_new, progress=progress, check_data=False,
+                 tensorboard=_TRAIN_OPTS.get("tensorboard", False)).checkpoint
 
 
 def _check_data(cfg: TrainConfig, eval_splits: list[str], progress: bool) -> None:
@@ -53,11 +54,8 @@ def _check_data(cfg: TrainConfig, eval_splits: list[str], progress: bool) -> Non
     from locbe.data.check import check_before_training
     from locbe.train import training_splits
 
-    is_main = _is_main()
-    for result in check_before_training(cfg.dataset, cfg.data_root, training_splits(cfg) + eval_splits,
-                                        cfg.num_classes, progress=progress, is_main=is_main):
-        if is_main:
-            print(f"[data] {result.summary()}")
+    check_before_training(cfg.dataset, cfg.data_root, training_splits(cfg) + eval_splits, cfg.num_classes,
+                          progress=progress, is_main=_is_main())  # one line per split
 
 
 def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progress: bool, **opts) -> dict:
@@ -106,6 +104,8 @@ PANELS_NOTE = ("Panels: `panels/<image id>.png`, the first validation images, on
 
 # run-wide evaluation settings from the command line (--eval-amp, --max-images)
 _EVAL_CAPS: dict = {}
+# run-wide training settings from the command line (--tensorboard)
+_TRAIN_OPTS: dict = {}
 
 
 def _is_main() -> bool:
@@ -314,31 +314,34 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     vs = split["seg mIoU (single scale)"]
     for label, key in (("trivial: all background", "all_background"),
                        ("trivial: image label everywhere", "image_label_everywhere")):
-        rows.append(Row(label, "-", ds, vs, "seg mIoU", [(ok[0], 100 * base[key]["miou"])], status="baseline",
-                        per_seed=False, verdict="same for every seed (no training)"))
+        rows.append(Row(label, "-", ds, vs, "seg mIoU", [(ok[0], 100 * base[key]["miou"])], status=NOT_COMPARABLE,
+                        per_seed=False, verdict=None if len(records) == 1 else "same for every seed (no training)"))
     for ds_name in ("voc", "coco"):
         for sp, metric, key in (("val", "seg mIoU", "seg_miou"), ("train", "CAM mIoU", "cam_miou")):
             rows.append(Row("LOC-BE", "ViT-B/16", ds_name, sp, metric,
                             reported=lookup_reported("LOC-BE", ds_name, key, split=sp),
-                            status=f"not run: dataset not found (locbe reproduce --preset {ds_name} "
-                                   "--data-root DIR)"))
+                            status=f"locbe reproduce --preset {ds_name} --data-root DIR"))
     for name, recs in ablations:
         rows.append(metric_row(f"ablation: {name}", bb, ds, vs, "seg mIoU (single scale)", recs,
                                status=NOT_COMPARABLE, plot=False))
     seg_values = [r["metrics"]["seg mIoU (single scale)"]["value"] / 100 for r in ok]
     ratio = acceptance_ratio(sum(seg_values) / len(seg_values), base)
     line = ACCEPTANCE.get(cfg.preset)
-    judged = f"acceptance: >= {line}" + ("" if len(ok) == 1 else " on the mean")
-    verdict = "no acceptance line for this preset" if line is None else (
-        f"{judged}: {'passed' if ratio >= line else 'FAILED'}")
-    per_seed = "" if len(ok) == 1 else (
-        f", the mean over {len(ok)} seeds (per seed: "
-        + ", ".join(f"{r['seed']}: {acceptance_ratio(v, base):.2f}" for r, v in zip(ok, seg_values)) + ")")
+    verdict = acceptance_verdict(ratio, line, len(ok))
+    # the baseline is the same for every seed, so the mean of the seeds' ratios is the ratio of the mean
+    ratio_runs = [(r, None if r["status"] != "ok" else
+                   100 * acceptance_ratio(r["metrics"]["seg mIoU (single scale)"]["value"] / 100, base))
+                  for r in records]
+    rows.insert(6, Row("acceptance ratio", bb, ds, vs, ACCEPTANCE_METRIC, [(r, None if v is None else v / 100)
+                                                               for r, v in ratio_runs],
+                       status=NOT_COMPARABLE, verdict=verdict))
     where = (f"Run directory: {cfg.out_dir}; config hash {env.get('config_hash')}; seed {cfg.seed}" if not isolate
              else f"Run directories: {cfg.out_dir}/seed-<k> (config hashes in Environment)")
     notes = ["Synthetic VOC-layout data made by `locbe make-synthetic`; a health check of the pipeline, "
              "not a reproduction of the paper.",
-             f"seg mIoU (single scale) / best trivial baseline = {ratio:.2f}{per_seed} ({verdict}).",
+             f"Acceptance ratio: seg mIoU (single scale) over the best trivial baseline (the higher of 'all "
+             f"background' and 'image label everywhere'); the line is {line}"
+             + ("" if len(ok) == 1 else ", on the mean over the seeds") + f": {ratio:.2f}, {verdict}.",
              f"{where}; fidelity={cfg.fidelity} (docs/fidelity.md).",
              _evaluated_note(ok[0], "seg mIoU (single scale)", "CAM mIoU") + ".",
              PANELS_NOTE + ("" if len(ok) == 1 else f" Panels of seed {ok[0]['seed']}.")]
@@ -356,8 +359,57 @@ def reproduce_smoke(cfg: TrainConfig, reports: Path, ablation: bool, progress: b
     write_seed_report(out_dir, f"locbe reproduce: {cfg.preset}", rows, records, notes, VOC_CLASSES,
                       ["seg (single)", "seg (MS+CRF)", "CAM (train)"])
     _panels(checkpoint, cfg, out_dir)
-    print((out_dir / "results.md").read_text())
+    print_summary(out_dir, records, ["seg mIoU (single scale)", "seg mIoU (MS+CRF)", "CAM mIoU",
+                                     "pseudo-label mIoU (PAR)"],
+                  f"acceptance ratio {ratio:.2f} = seg mIoU (single scale) / best trivial baseline "
+                  f"({100 * _best(base):.2f}); {verdict}")
     return out_dir, ratio, records
+
+
+ACCEPTANCE_METRIC = "seg mIoU (single scale) / best trivial"
+
+
+def _best(baselines: dict) -> float:
+    return max(baselines["all_background"]["miou"], baselines["image_label_everywhere"]["miou"])
+
+
+def acceptance_verdict(ratio: float, line: float | None, n_ok: int) -> str:
+    """"acceptance: >= 2.0: passed" / "...: FAILED" ("on the mean" with several seeds)."""
+    if line is None:
+        return "no acceptance line for this preset"
+    judged = f"acceptance: >= {line}" + ("" if n_ok == 1 else " on the mean")
+    return f"{judged}: {'passed' if ratio >= line else 'FAILED'}"
+
+
+def print_summary(out_dir: Path, records: list[dict], metrics: list[str], verdict: str | None = None,
+                  published: dict[str, str] | None = None) -> None:
+    """The end of ``reproduce`` on the terminal: the headline metrics (one value, or mean +- std over the seeds;
+    ``published``: metric -> "published X: verdict"), the acceptance verdict, and where the report is; the
+    report itself is ``results.md``."""
+    import statistics
+
+    ok = [r for r in records if r["status"] == "ok"]
+    lines = [""]
+    many = len(ok) > 1
+    head = f"locbe reproduce: {len(ok)} of {len(records)} seed(s) finished" if len(records) > 1 else (
+        "locbe reproduce: done")
+    lines.append(head)
+    width = max(len(m) for m in metrics)
+    for m in metrics:
+        values = [r["metrics"][m]["value"] for r in ok if m in r["metrics"]]
+        if not values:
+            continue
+        split = next(r["metrics"][m]["split"] for r in ok if m in r["metrics"])
+        text = (f"{statistics.mean(values):6.2f} +- {statistics.stdev(values):.2f} (mean +- std over "
+                f"{len(values)} seeds)" if many and len(values) > 1 else f"{values[0]:6.2f}")
+        lines.append(f"  {m:<{width}}  {text}  [{split}]" + (f"  {published[m]}" if published and m in published
+                                                               else ""))
+    if verdict:
+        lines.append(f"  {verdict}")
+    report = out_dir / "results.md"
+    lines.append(f"report: {report}" + (f" (training curves: {out_dir / 'curves.png'})"
+                                        if (out_dir / "curves.png").is_file() else ""))
+    print("\n".join(lines))
 
 
 def final_eval_split(cfg: TrainConfig) -> str:
@@ -407,7 +459,11 @@ def reproduce_real(cfg: TrainConfig, reports: Path, progress: bool, force_new: b
     notes.append(f"Written by `{command_line()}`.")
     write_seed_report(reports, f"locbe reproduce: {cfg.preset}", rows, records, notes, names, ["seg (MS+CRF)"])
     _panels(checkpoint, cfg, reports, n=min(4, _EVAL_CAPS.get("max_images") or 4))
-    print((reports / "results.md").read_text())
+    from locbe.report import stats
+
+    published = {r.metric: f"published {r.reported:.1f}: {stats.reported_verdict(r.reported, r.summary())}"
+                 for r in rows if r.reported is not None and r.values()}
+    print_summary(reports, records, [m for _, m, _, _ in metrics], published=published)
     return reports, records
 
 
@@ -454,6 +510,9 @@ def add_arguments(p, argv=()) -> None:
     p.add_argument("--max-steps", type=int, help="rehearsal: cap the training steps (the schedule shrinks with it)")
     p.add_argument("--max-images", type=int, help="rehearsal: cap the images of every evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each run's logged scalars (losses, lr) as TensorBoard events in "
+                        "<run>/tensorboard/ (needs the optional extra: pip install -e \".[tensorboard]\")")
     p.add_argument("--no-check-data", action="store_true",
                    help="skip the check of every image's and mask's header before the first stage (locbe check-data)")
 
@@ -470,6 +529,12 @@ def run(args) -> int:
             cfg = cap_schedule(cfg, args.max_steps, args.max_images)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    _TRAIN_OPTS.clear()
+    _TRAIN_OPTS["tensorboard"] = args.tensorboard
+    if args.tensorboard:
+        from locbe.training.tensorboard import require_tensorboard
+
+        require_tensorboard()  # before the data are made or checked
     _EVAL_CAPS.clear()
     _EVAL_CAPS.update(amp=None if args.eval_amp == "off" else args.eval_amp, split=args.eval_split,
                       max_images=args.max_images)

@@ -49,6 +49,7 @@ from locbe.training.optim import build_optimizer, lr_multiplier, set_lr
 from locbe.training.rng import seed_everything
 from locbe.training.sharding import FetchError, batches_per_epoch, build_train_dataset, epoch_batches, fetch
 from locbe.training.signals import StopRequest, interrupted
+from locbe.training.tensorboard import TensorBoardLog, require_tensorboard
 
 __all__ = ["NonFiniteLossError", "TrainResult", "average_gradients", "build_optimizer", "lr_multiplier",
            "setup_distributed", "train"]
@@ -70,13 +71,19 @@ def train(cfg: TrainConfig, **kwargs) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
-           progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True) -> TrainResult:
+           progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True,
+           tensorboard: bool = False) -> TrainResult:
     """``max_steps_this_run`` stops early (tests, resumable chunks); ``check_data``: the fast data check
-    (locbe.data.check) of the splits the run reads, before anything is written."""
+    (locbe.data.check) of the splits the run reads, before anything is written; ``tensorboard``: the logged
+    scalars also as TensorBoard events in ``<out>/tensorboard/`` (optional extra). ``<out>/curves.png``
+    (locbe.report.curves) is redrawn from the log at each checkpoint and at the end."""
     from locbe.method.step import step_generator, training_step
+    from locbe.report.curves import try_write_run_curves
     from locbe.runtime.progress import progress_bar
 
     cfg.validate()
+    if tensorboard:
+        require_tensorboard()  # before anything is written
     info, device = setup_distributed(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -102,6 +109,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
         rundir.start(out_dir, step, cfg.to_dict(), env)
         if (warning := pinned_warning(env["numerics"])) and device.type == "cpu":
             print(f"locbe train: {warning}", file=sys.stderr)
+    board = TensorBoardLog(out_dir, step) if tensorboard and info.is_main else None
 
     params = [p for p in net.parameters() if p.requires_grad]
     n_batches = batches_per_epoch(dataset, cfg, info)
@@ -110,6 +118,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
     bar = progress_bar(total=stop_at, initial=step, desc=f"train {cfg.preset}", unit="step",
                        disable=not (progress and info.is_main))
     last_losses: dict[str, float] = {}
+    curves_at = None  # the step curves.png was last drawn at
     t_start = time.perf_counter()
     # a neighbour that arrives after the start meets the wait settings chosen at the start (locbe/runtime/openmp.py)
     neighbour_watch = LateNeighbourWatch(torch.get_num_threads(), info.world_size) if (
@@ -119,6 +128,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
         """Keep the state after ``step`` (a step boundary), then raise ``error``."""
         if info.is_main:
             save_checkpoint(last_path, net, optimizer, step, cfg)
+            try_write_run_curves(out_dir)
         raise error
 
     net.train()
@@ -151,11 +161,17 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
                         last_losses = reduce_mean(loss_values(out), info.world_size, device)
                         if info.is_main:
                             log_step(out_dir, step, lr, time.perf_counter() - t_start, last_losses, bar)
+                            if board is not None:
+                                board.log(step, lr, last_losses)
                         if neighbour_watch and (notice := neighbour_watch.check()):
                             tqdm.write(notice, file=sys.stderr)
                     bar.update(1)
                     if info.is_main and (step % cfg.ckpt_every == 0 or step == stop_at):
                         save_checkpoint(last_path, net, optimizer, step, cfg)
+                        try_write_run_curves(out_dir)  # a plotting error is one line, never the end of the run
+                        curves_at = step
+                        if board is not None:
+                            board.flush()
                     if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
                         periodic_validation(net, cfg, device, info, step, out_dir)
                     if any_rank(stop.requested, info.world_size, device) and step < stop_at:
@@ -166,9 +182,13 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
                                     f"after step {step} is saved in {last_path}; fix the data: {rundir.RESUME_HINT}]"))
         finally:
             bar.close()
+            if board is not None:
+                board.close()
 
     if info.is_main and step >= cfg.max_steps:
         save_checkpoint(final_path, net, optimizer, step, cfg)
+    if info.is_main and curves_at != step:
+        try_write_run_curves(out_dir)
     barrier(info.world_size)
     return TrainResult(out_dir, final_path if step >= cfg.max_steps else last_path, step, last_losses)
 

@@ -24,12 +24,16 @@ def run(args) -> int:
 
     try:
         result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new,
-                       progress=not args.no_progress, check_data=not args.no_check_data)
+                       progress=not args.no_progress, check_data=not args.no_check_data,
+                       tensorboard=args.tensorboard)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {result.step}, checkpoint {result.checkpoint}")
+        curves = result.out_dir / "curves.png"
+        if curves.is_file():
+            print(f"training curves: {curves}")
         if result.last_losses:
             print("last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.last_losses.items())))
     return 0

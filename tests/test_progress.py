@@ -74,6 +74,23 @@ def test_iteration_and_choice_of_display():
     assert isinstance(progress_bar(total=3, file=out, disable=True), tqdm)
 
 
+def test_leave_false_is_quiet_for_a_quick_stage_and_paced_for_a_slow_one():
+    out, clock = io.StringIO(), FakeClock()
+    bar = LineProgress(total=100, desc="check val (headers)", unit="img", file=out, clock=clock, leave=False)
+    for _ in range(100):
+        clock.now += 0.01
+        bar.update(1)
+    bar.close()
+    assert out.getvalue() == ""  # the caller prints the stage's one line
+    bar = LineProgress(total=100, desc="check val (headers)", unit="img", file=out, clock=clock, leave=False)
+    for i in range(100):
+        clock.now += LINE_EVERY_SECONDS + 1 if i == 9 else 0.01
+        bar.update(1)
+    bar.close()
+    assert [line.split("[")[0].split()[-1] for line in out.getvalue().splitlines()] == ["10/100", "100/100"]
+    assert isinstance(progress_bar(total=3, file=Terminal(), leave=False), tqdm)
+
+
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "voc"
@@ -110,3 +127,14 @@ def test_smoke_run_logged_to_a_file_has_progress_lines_and_no_cuda_notice(synthe
         plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
                                capture_output=True, text=True, timeout=300)
         assert CUDA_NOTICE in plain.stderr  # torch's plain import prints it in this environment
+
+
+def test_header_check_is_one_line_per_split(synthetic_root, capsys):
+    from locbe.data.check import check_before_training
+
+    check_before_training("synthetic", synthetic_root, ["train_aug", "val", "train_aug"], 21, progress=True)
+    captured = capsys.readouterr()
+    assert captured.err == ""  # a quick check leaves no progress lines in a log
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[data] split 'train_aug' of ") and "24 images" in lines[0]
+    assert lines[1].startswith("[data] split 'val' of ") and lines[1].endswith("no problems")

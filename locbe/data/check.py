@@ -152,8 +152,9 @@ def split_tasks(root: Path, split: str) -> tuple[Path, list[tuple[str, str | Non
 
 
 def check_split(dataset: str, root: str | Path, split: str, *, num_classes: int | None = None, full: bool = True,
-                workers: int | None = None, progress: bool = True) -> CheckResult:
-    """Check every item of ``split``; ``workers`` processes (default: the cores; 1 runs here, no pool)."""
+                workers: int | None = None, progress: bool = True, leave: bool = True) -> CheckResult:
+    """Check every item of ``split``; ``workers`` processes (default: the cores; 1 runs here, no pool).
+    ``leave=False``: the bar is transient (``locbe.runtime.progress``), for a caller that prints the result."""
     from locbe.runtime.device import cpu_cores
     from locbe.runtime.progress import progress_bar
 
@@ -167,7 +168,7 @@ def check_split(dataset: str, root: str | Path, split: str, *, num_classes: int 
     bad: list[BadFile] = []
     t0 = time.perf_counter()
     with progress_bar(total=len(tasks), desc=f"check {split}{'' if full else ' (headers)'}", unit="img",
-                      disable=not progress) as bar:
+                      disable=not progress, leave=leave) as bar:
         if workers == 1:
             results = map(one, tasks)
             pool = None
@@ -207,9 +208,14 @@ def raise_if_bad(results: list[CheckResult], remedy: str, *, print_lines: bool =
 def check_before_training(dataset: str, root: str | Path, splits: list[str], num_classes: int, *,
                           progress: bool, is_main: bool = True) -> list[CheckResult]:
     """The fast check of every split a run will read, before anything is written; ``DataError`` (exit 2)
-    after listing the bad files. Rank 0 prints; every rank raises."""
-    results = [check_split(dataset, root, s, num_classes=num_classes, full=False, workers=1,
-                           progress=progress and is_main) for s in dict.fromkeys(splits)]
+    after listing the bad files. Rank 0 prints one line per split (a transient bar while it runs, on a terminal);
+    every rank raises."""
+    results = []
+    for s in dict.fromkeys(splits):
+        results.append(check_split(dataset, root, s, num_classes=num_classes, full=False, workers=1,
+                                   progress=progress and is_main, leave=False))
+        if is_main:
+            print(f"[data] {results[-1].summary()}", flush=True)
     raise_if_bad(results, "; `locbe check-data` decodes every file, --no-check-data skips this check",
                  print_lines=is_main)
     return results

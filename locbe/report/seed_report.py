@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from locbe.report import stats
+from locbe.report import curves, stats
 from locbe.report.tables import ROW_COLUMNS, _markdown, make_row
 from locbe.runtime.fileio import atomic_path, atomic_write_text
 
@@ -82,17 +83,40 @@ def summary_frame(rows: list[Row]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
 
-def _summary_markdown(summary: pd.DataFrame) -> str:
+# verdicts that say only why there is none: left out of the Markdown table ("How to read this" explains them)
+_SILENT_VERDICTS = (stats.ONE_SEED, stats.NO_REPORTED)
+
+
+def _summary_markdown(summary: pd.DataFrame) -> tuple[str, str | None]:
+    """The main table with only the columns that have a value in some row, and the status shared by every row
+    (then said once above the table instead of in a column), or None. One seed: ``value`` (no ``n`` and no
+    statistics); more: n, mean, std, range and the intervals."""
+    one_seed = bool((summary.n <= 1).all())
     shown = pd.DataFrame({
         "method": summary.method, "backbone": summary.backbone, "dataset": summary.dataset, "split": summary.split,
-        "metric": summary.metric, "reported": summary.reported.map(_fmt), "n": summary.n,
-        "mean": summary["mean"].map(_fmt), "std": summary["std"].map(_fmt),
+        "metric": summary.metric, "published": summary.reported.map(_fmt),
+        "n": None if one_seed else summary.n,
+        "value" if one_seed else "mean": summary["mean"].map(_fmt), "std": summary["std"].map(_fmt),
         "min - max": [None if n < 2 else f"{a:.2f} - {b:.2f}" for n, a, b in zip(summary.n, summary["min"],
                                                                                     summary["max"])],
         "95 % CI of the mean": [_interval(a, b) for a, b in zip(summary.ci95_low, summary.ci95_high)],
         "95 % PI of one run": [_interval(a, b) for a, b in zip(summary.pi95_low, summary.pi95_high)],
-        "delta": summary.delta.map(_fmt), "verdict": summary.verdict, "status": summary.status})
-    return _markdown(shown, disable_numparse=True)
+        "delta": summary.delta.map(_fmt),
+        "verdict": [None if v in _SILENT_VERDICTS else v for v in summary.verdict],
+        "status": summary.status})
+    shared = None
+    if len(set(summary.status)) == 1:
+        shared = summary.status.iloc[0]
+        shown = shown.drop(columns="status")
+    empty = [c for c in shown.columns if shown[c].isna().all()]
+    return _markdown(shown.drop(columns=empty), disable_numparse=True), shared
+
+
+def _published_markdown(rows: list[Row]) -> str:
+    """Published numbers of rows that were not run here (another dataset), with how to run them."""
+    return _markdown(pd.DataFrame([{"method": r.method, "backbone": r.backbone, "dataset": r.dataset,
+                                    "split": r.split, "metric": r.metric, "published": _fmt(r.reported),
+                                    "to reproduce it": r.status} for r in rows]), disable_numparse=True)
 
 
 def _per_seed_markdown(rows: list[Row], seeds: list[int]) -> str:
@@ -165,7 +189,8 @@ HOW_TO_READ = [
     "95 % PI of one run: mean ± t·std·√(1 + 1/n), where one more run would land. A published number (usually "
     "one run) outside it is not what this implementation produces from run to run: the verdict says "
     "'reported above every plausible run' or 'below'; inside it, the gap is within seed noise.",
-    "With one seed no interval can be given: `--seeds 3` (or more) gives them.",
+    "With one seed no interval can be given: `--seeds 3` (or more) gives them. A metric without a published "
+    "number has no verdict.",
 ]
 
 
@@ -174,17 +199,24 @@ def write_seed_report(out_dir: Path, title: str, rows: list[Row], records: list[
     """Write results.md / results.csv / summary.csv / per_class.csv / seeds.json / seeds.png into ``out_dir``."""
     out_dir = Path(out_dir)
     seeds = [r["seed"] for r in records]
+    published = [r for r in rows if not r.runs]  # a published number of a dataset not run here: its own table
+    rows = [r for r in rows if r.runs]
     summary = summary_frame(rows)
     atomic_write_text(out_dir / "results.csv", results_frame(rows).to_csv(index=False))
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(out_dir / "seeds.json", json.dumps({"title": title, "records": records}, indent=2))
     failed = [r for r in records if r["status"] != "ok"]
+    table, shared_status = _summary_markdown(summary)
     md = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))} ({len(records) - len(failed)} finished"
-          + (f", {len(failed)} failed" if failed else "") + ").", "", _summary_markdown(summary), ""]
-    if any(r.runs and r.per_seed for r in rows):
+          + (f", {len(failed)} failed" if failed else "") + ")."
+          + (f" Every row: {shared_status}." if shared_status and shared_status != "ok" else ""), "", table, ""]
+    if any(r.runs and r.per_seed for r in rows) and len(seeds) > 1:
         md += ["## Per seed", "", _per_seed_markdown(rows, seeds), ""]
     if plot_seeds(out_dir / "seeds.png", [r for r in rows if r.plot and r.values()], title):
         md += ["![seeds](seeds.png)", ""]
+    md += _curves_section(out_dir, records, title)
+    if published:
+        md += ["## Published numbers (not run here)", "", _published_markdown(published), ""]
     md += ["## How to read this", ""] + [f"- {n}" for n in HOW_TO_READ] + [""]
     if failed:
         notes = [*notes] + [f"Seed {r['seed']} failed (exit {r['exit_code']}) in {r['run_dir']}: {r['error']}; "
@@ -199,6 +231,25 @@ def write_seed_report(out_dir: Path, title: str, rows: list[Row], records: list[
         md += [head, "", _markdown(cells, disable_numparse=True, colalign=["left"] + ["right"] * len(
             per_class_columns)), ""]
     atomic_write_text(out_dir / "results.md", "\n".join(md))
+
+
+def _curves_section(out_dir: Path, records: list[dict], title: str) -> list[str]:
+    """``curves.png`` in the report folder (the seeds' training curves over one another) and a link to each run's
+    own ``curves.png`` (drawn here from its log when the run predates them); [] when no run has a log."""
+    runs = [(f"seed {r['seed']}", Path(r["run_dir"])) for r in records]
+    links = []
+    for label, run_dir in runs:
+        own = run_dir / curves.CURVES_NAME
+        if not own.is_file():
+            curves.try_write_run_curves(run_dir)
+        if own.is_file():
+            links.append(f"[{label}]({os.path.relpath(own, out_dir)})")
+    if not curves.write_seed_curves(out_dir / curves.CURVES_NAME, runs, f"{title}: training curves"):
+        return []
+    return ["## Training curves", "",
+            "Each loss term (unweighted) and the total against the step, and the learning rate; dotted lines: the "
+            "phase boundaries of the loss schedule" + (", each seed one colour." if len(runs) > 1 else "."), "",
+            "![training curves](curves.png)", "", "Each run's own picture: " + ", ".join(links) + ".", ""]
 
 
 def plot_seeds(path: Path, rows: list[Row], title: str) -> bool:

@@ -65,6 +65,9 @@ def add_arguments(p, argv=()) -> None:
                    help="override any config field, e.g. --set lr=1e-4 (repeatable; --print-config lists them)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the logged scalars (losses, lr) as TensorBoard events in <out>/tensorboard/ "
+                        "(needs the optional extra: pip install -e \".[tensorboard]\")")
     p.add_argument("--no-check-data", action="store_true",
                    help="skip the check of every image's and mask's header before step 0 (locbe check-data)")
 
