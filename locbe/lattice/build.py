@@ -64,23 +64,35 @@ def build_key(cuda: bool, archs: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+CUDA_RUNTIME_NOTICE = "No CUDA runtime is found"
+
+
 def _no_cuda_runtime_notice(record) -> bool:
-    return not record.getMessage().startswith("No CUDA runtime is found")
+    return not record.getMessage().startswith(CUDA_RUNTIME_NOTICE)
 
 
 def cpp_extension(cuda: bool):
-    """``torch.utils.cpp_extension``. On a machine without a GPU its import logs "No CUDA runtime is found,
-    using CUDA_HOME=..." whenever a CUDA toolkit is around; a build that compiles nothing for CUDA
-    (``cuda=False``) imports it without that line."""
+    """``torch.utils.cpp_extension``. On a machine without a GPU its import says "No CUDA runtime is found,
+    using CUDA_HOME=..." whenever a CUDA toolkit is around (a warning of its logger in recent torch, a print to
+    stderr in torch 2.4); a build that compiles nothing for CUDA (``cuda=False``) imports it without that line."""
+    if cuda:
+        from torch.utils import cpp_extension as module
+
+        return module
+    import contextlib
+    import io
     import logging
 
     logger = logging.getLogger("torch.utils.cpp_extension")  # the module's own logger (created here if first)
-    if not cuda:
-        logger.addFilter(_no_cuda_runtime_notice)
+    logger.addFilter(_no_cuda_runtime_notice)
+    said = io.StringIO()
     try:
-        from torch.utils import cpp_extension as module
+        with contextlib.redirect_stderr(said):
+            from torch.utils import cpp_extension as module
     finally:
         logger.removeFilter(_no_cuda_runtime_notice)
+        rest = [line for line in said.getvalue().splitlines(keepends=True) if not line.startswith(CUDA_RUNTIME_NOTICE)]
+        sys.stderr.write("".join(rest))  # anything else the import said, as it said it
     return module
 
 
