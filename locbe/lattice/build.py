@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -203,14 +204,45 @@ def find_cuda_home() -> Path | None:
     return None
 
 
+def toolkit_release(home: Path) -> str | None:
+    """The CUDA release of the toolkit at ``home`` ("13.0"), read from ``nvcc --version`` as torch reads it."""
+    try:
+        text = subprocess.run([str(Path(home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                              timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", text)
+    return found.group(1) if found else None
+
+
+def cuda_build_problem(home: Path | None) -> str | None:
+    """Why this torch cannot compile the CUDA backend with the toolkit at ``home``, as one line; None if it can
+    as far as torch's own checks go. torch refuses a toolkit of another CUDA major version than its own (torch
+    2.4's wheels are CUDA 12, a CUDA 13 nvcc cannot build for them) and a CPU-only torch builds no CUDA at all."""
+    import torch
+
+    if home is None:
+        return "nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build and compiles no CUDA code: install a CUDA build of torch"
+    release = toolkit_release(home)
+    wanted = torch.version.cuda.split(".")[0]
+    if release is not None and release.split(".")[0] != wanted:
+        return (f"{home}/bin/nvcc is CUDA {release} but torch {torch.__version__} was built with CUDA "
+                f"{torch.version.cuda}, and torch compiles extensions only with the same major version: set CUDA_HOME "
+                f"to a CUDA {wanted} toolkit")
+    return None
+
+
 def build_cuda(build_directory: str, archs: str = DEFAULT_CUDA_ARCHS, verbose: bool = False) -> Path:
     """Compile and link the CUDA backend (no GPU needed); returns the shared library's path.
 
     Runs in a subprocess: loading it here would register ``locbe`` a second time next to the CPU build."""
+    from locbe.errors import ToolkitError
 
     home = find_cuda_home()
-    if home is None:
-        raise RuntimeError("nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend")
+    if problem := cuda_build_problem(home):
+        raise ToolkitError(problem)
     # torch guesses CUDA_HOME once at import, from nvcc on PATH (a wrapper script misleads it): name it
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, CUDA_HOME=str(home))
     code = ("import sys, pathlib; from locbe.lattice.build import _load; "
