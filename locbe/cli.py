@@ -17,6 +17,7 @@ import inspect
 import signal
 import sys
 
+from locbe import __version__
 from locbe.runtime.numerics import NUMERICS_CHOICES, apply_pinned_numerics, say_overrides
 from locbe.runtime.openmp import apply_shared_core_defaults
 
@@ -95,6 +96,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                      epilog="exit codes: 0 ok, 1 unexpected error, 2 bad input, 3 acceptance "
                                             "failed, 4 non-finite loss, 128+N stopped by signal N (state saved)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
+    parser.add_argument("--version", action="version", version=f"locbe {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     chosen = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)

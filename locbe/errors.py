@@ -24,6 +24,10 @@ class LocbeError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
+class ToolkitError(LocbeError, RuntimeError):
+    """No CUDA toolkit this torch can compile the CUDA backend with (none found, or another CUDA major version)."""
+
+
 class ConfigError(LocbeError, ValueError):
     """A bad flag or ``--set`` override, or a run directory bound to another config."""
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 import locbe
 from locbe.models import LOCBENet, build_model, list_backbones, load_checkpoint, load_pretrained_encoder
@@ -35,10 +36,25 @@ def micro() -> LOCBENet:
     return _micro()
 
 
+class _LinspaceOnCpu(TorchFunctionMode):
+    """timm 1.0.3 (the lowest timm locbe allows) turns the stochastic-depth rates into floats in the ViT's
+    constructor, ``[x.item() for x in torch.linspace(...)]``, and ``.item()`` fails on the meta device. Under this
+    mode (entered inside ``torch.device("meta")``) a ``torch.linspace`` without a device is made on the CPU; every
+    parameter is still made on the meta device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.linspace and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
 def _base_shapes_only(num_classes: int) -> LOCBENet:
     """vit_base on the meta device: real module tree and parameter shapes, no (slow) random init."""
-    with torch.device("meta"):
-        return build_model(BASE, num_classes=num_classes)
+    with torch.device("meta"), _LinspaceOnCpu():
+        model = build_model(BASE, num_classes=num_classes)
+    assert all(p.is_meta for p in model.parameters())
+    return model
 
 
 def _img(h: int, w: int, b: int = 2, seed: int = 0) -> torch.Tensor:

@@ -63,8 +63,8 @@ def test_no_module_of_locbe_training_imports_locbe_train():
 
 
 # ----------------------------------------------------------------------------- the layers (docs/DESIGN.md)
-COMMANDS = ("locbe.cli", "locbe.train", "locbe.train_command", "locbe.reproduce", "locbe.device_check",
-            "locbe.bench", "locbe.rehearsal")
+COMMANDS = ("locbe.cli", "locbe.__main__", "locbe.train", "locbe.train_command", "locbe.reproduce",
+            "locbe.device_check", "locbe.bench", "locbe.rehearsal")
 # package -> (allowed locbe modules, or None for "anything not forbidden"; forbidden prefixes)
 LAYER_RULES = {
     "runtime": (("locbe.runtime", "locbe.errors"), ()),

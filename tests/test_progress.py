@@ -138,3 +138,21 @@ def test_header_check_is_one_line_per_split(synthetic_root, capsys):
     lines = captured.out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("[data] split 'train_aug' of ") and "24 images" in lines[0]
     assert lines[1].startswith("[data] split 'val' of ") and lines[1].endswith("no problems")
+
+
+def test_the_ops_cpu_build_imports_cpp_extension_without_the_cuda_notice(tmp_path):
+    """Quick twin of the smoke run's check, on the import itself: torch 2.4 prints the notice to stderr, recent
+    torch logs it; locbe.lattice.build.cpp_extension(cuda=False) says neither, and passes on what else is said."""
+    if not torch.version.cuda or torch.cuda.is_available():
+        pytest.skip("torch says the notice only in a CUDA build of torch without a GPU")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and CUDA_NOTICE in plain.stderr, plain.stderr[-2000:]  # the check can fail here
+    code = ("import sys\nprint('before', file=sys.stderr)\nfrom locbe.lattice.build import cpp_extension\n"
+            "assert cpp_extension(cuda=False).__name__ == 'torch.utils.cpp_extension'\n"
+            "print('after', file=sys.stderr)\n")
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert CUDA_NOTICE not in ours.stderr and ours.stderr.splitlines()[0] == "before", ours.stderr[-2000:]
+    assert ours.stderr.splitlines()[-1] == "after"

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from locbe.lattice import lattice_filter
-from locbe.lattice.build import find_cuda_home, load_extension
+from locbe.lattice.build import cuda_build_problem, find_cuda_home, load_extension
 from locbe.lattice.op import _filter
 from locbe.lattice.reference import dense_filter, serial_lattice_filter
 from locbe.method.regloss import RegularizedLoss
@@ -374,8 +374,11 @@ def test_cuda_loss_matches_cpu_and_is_deterministic():
 
 
 # ---------------------------------------------------------------------------- CUDA build (no GPU needed)
+CUDA_BUILD_PROBLEM = cuda_build_problem(find_cuda_home())  # None: nvcc of torch's CUDA major version was found
+
+
 @pytest.mark.nvcc
-@pytest.mark.skipif(find_cuda_home() is None, reason="needs nvcc: none in $CUDA_HOME, /usr/local/cuda or on PATH")
+@pytest.mark.skipif(CUDA_BUILD_PROBLEM is not None, reason=f"needs a CUDA toolkit torch can use: {CUDA_BUILD_PROBLEM}")
 def test_cuda_backend_compiles_and_links_for_sm80_sm90(tmp_path):
     from locbe.lattice.build import build_cuda
 
@@ -384,6 +387,40 @@ def test_cuda_backend_compiles_and_links_for_sm80_sm90(tmp_path):
     # the fatbinary names each target architecture (cuobjdump is not part of a bare nvcc install)
     blob = lib.read_bytes()
     assert b"sm_80" in blob and b"sm_90" in blob
+
+
+def _fake_toolkit(folder, release: str):
+    """A folder find_cuda_home() takes for a toolkit, whose nvcc says it is CUDA ``release``."""
+    (folder / "bin").mkdir(parents=True)
+    (folder / "include").mkdir()
+    (folder / "include" / "cuda_runtime.h").write_text("")
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    return folder
+
+
+def test_a_toolkit_of_another_cuda_major_than_torchs_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """torch 2.4's CUDA 12 wheels beside a CUDA 13 nvcc: torch refuses to build; locbe says why before trying."""
+    from locbe.cli import main as cli
+    from locbe.lattice.build import toolkit_release
+
+    old = _fake_toolkit(tmp_path / "cuda-9.2", "9.2")
+    assert toolkit_release(old) == "9.2"
+    problem = cuda_build_problem(old)
+    if torch.version.cuda is None:
+        assert "CPU-only build" in problem
+    else:
+        assert problem.startswith(f"{old}/bin/nvcc is CUDA 9.2 but torch {torch.__version__} was built with CUDA "
+                                  f"{torch.version.cuda}")
+        assert problem.endswith(f"set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]} toolkit")
+        assert cuda_build_problem(_fake_toolkit(tmp_path / "same", torch.version.cuda)) is None
+    assert cuda_build_problem(None).startswith("nvcc not found")
+    monkeypatch.setenv("CUDA_HOME", str(old))
+    assert cli(["build-ext", "--cuda", "--build-dir", str(tmp_path / "build")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"locbe build-ext: {problem}"]
+    assert not (tmp_path / "build").exists()
 
 
 def test_host_layout_loss_equals_the_op_and_its_gradient():

@@ -113,7 +113,8 @@ def draw_object(rng, style, h, w, area_frac):
         outline = outline + amp * np.sin((style["lobes"] + k) * theta + phases[k])
     outline = outline + 0.08 * (smooth_noise(rng, h, w, 6) - 0.5)  # irregular boundary
     softness = rng.uniform(0.03, 0.08)
-    alpha = 1.0 / (1.0 + np.exp(-(outline - r) / softness))
+    with np.errstate(over="ignore"):  # far outside the shape exp() is inf and alpha exactly 0, as meant
+        alpha = 1.0 / (1.0 + np.exp(-(outline - r) / softness))  # (numpy 1.24 warned about that overflow)
     hue = style["hue"] + rng.uniform(-0.03, 0.03)
     tex = texture(style, rng, yy, xx)
     sat = 0.55 + 0.35 * tex

@@ -314,7 +314,9 @@ def run(args) -> int:
     results = evaluate(model, ds, model.num_classes, opts, device, cam_cfg=cam_cfg)
     if not shard.is_main:
         return 0
-    atomic_write_json(out / f"metrics_{args.split}.json", {"checkpoint": str(args.checkpoint), **results})
+    metrics_path = out / f"metrics_{args.split}.json"
+    replaced = metrics_path.exists()  # said at the end: another evaluation's numbers are gone
+    atomic_write_json(metrics_path, {"checkpoint": str(args.checkpoint), **results})
     shutil.rmtree(parts, ignore_errors=True)  # the records are summed into the metrics file now
     names = VOC_CLASSES if model.num_classes == 21 else COCO_CLASSES if model.num_classes == 81 else \
         [str(i) for i in range(model.num_classes)]
@@ -326,5 +328,12 @@ def run(args) -> int:
     if "seg" in results:
         per = [f"{names[c]}={100 * v:.1f}" for c, v in enumerate(results["seg"]["iou"]) if v == v]
         print("per-class IoU (seg): " + ", ".join(per))
-    print(f"metrics written to {out / f'metrics_{args.split}.json'}")
+    if args.save_predictions:
+        what = "palette PNGs and fp16 .npy logits" if args.save_logits else "palette PNGs"
+        n = results["num_images"]
+        print(f"predictions ({what}, {n} image{'' if n == 1 else 's'}) written to {args.save_predictions}")
+    if replaced:
+        print(f"metrics written to {metrics_path} (overwrote the {metrics_path.name} that was there)")
+    else:
+        print(f"metrics written to {metrics_path}")
     return 0

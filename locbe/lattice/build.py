@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,23 +65,35 @@ def build_key(cuda: bool, archs: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+CUDA_RUNTIME_NOTICE = "No CUDA runtime is found"
+
+
 def _no_cuda_runtime_notice(record) -> bool:
-    return not record.getMessage().startswith("No CUDA runtime is found")
+    return not record.getMessage().startswith(CUDA_RUNTIME_NOTICE)
 
 
 def cpp_extension(cuda: bool):
-    """``torch.utils.cpp_extension``. On a machine without a GPU its import logs "No CUDA runtime is found,
-    using CUDA_HOME=..." whenever a CUDA toolkit is around; a build that compiles nothing for CUDA
-    (``cuda=False``) imports it without that line."""
+    """``torch.utils.cpp_extension``. On a machine without a GPU its import says "No CUDA runtime is found,
+    using CUDA_HOME=..." whenever a CUDA toolkit is around (a warning of its logger in recent torch, a print to
+    stderr in torch 2.4); a build that compiles nothing for CUDA (``cuda=False``) imports it without that line."""
+    if cuda:
+        from torch.utils import cpp_extension as module
+
+        return module
+    import contextlib
+    import io
     import logging
 
     logger = logging.getLogger("torch.utils.cpp_extension")  # the module's own logger (created here if first)
-    if not cuda:
-        logger.addFilter(_no_cuda_runtime_notice)
+    logger.addFilter(_no_cuda_runtime_notice)
+    said = io.StringIO()
     try:
-        from torch.utils import cpp_extension as module
+        with contextlib.redirect_stderr(said):
+            from torch.utils import cpp_extension as module
     finally:
         logger.removeFilter(_no_cuda_runtime_notice)
+        rest = [line for line in said.getvalue().splitlines(keepends=True) if not line.startswith(CUDA_RUNTIME_NOTICE)]
+        sys.stderr.write("".join(rest))  # anything else the import said, as it said it
     return module
 
 
@@ -191,14 +204,45 @@ def find_cuda_home() -> Path | None:
     return None
 
 
+def toolkit_release(home: Path) -> str | None:
+    """The CUDA release of the toolkit at ``home`` ("13.0"), read from ``nvcc --version`` as torch reads it."""
+    try:
+        text = subprocess.run([str(Path(home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                              timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", text)
+    return found.group(1) if found else None
+
+
+def cuda_build_problem(home: Path | None) -> str | None:
+    """Why this torch cannot compile the CUDA backend with the toolkit at ``home``, as one line; None if it can
+    as far as torch's own checks go. torch refuses a toolkit of another CUDA major version than its own (torch
+    2.4's wheels are CUDA 12, a CUDA 13 nvcc cannot build for them) and a CPU-only torch builds no CUDA at all."""
+    import torch
+
+    if home is None:
+        return "nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build and compiles no CUDA code: install a CUDA build of torch"
+    release = toolkit_release(home)
+    wanted = torch.version.cuda.split(".")[0]
+    if release is not None and release.split(".")[0] != wanted:
+        return (f"{home}/bin/nvcc is CUDA {release} but torch {torch.__version__} was built with CUDA "
+                f"{torch.version.cuda}, and torch compiles extensions only with the same major version: set CUDA_HOME "
+                f"to a CUDA {wanted} toolkit")
+    return None
+
+
 def build_cuda(build_directory: str, archs: str = DEFAULT_CUDA_ARCHS, verbose: bool = False) -> Path:
     """Compile and link the CUDA backend (no GPU needed); returns the shared library's path.
 
     Runs in a subprocess: loading it here would register ``locbe`` a second time next to the CPU build."""
+    from locbe.errors import ToolkitError
 
     home = find_cuda_home()
-    if home is None:
-        raise RuntimeError("nvcc not found: set CUDA_HOME (e.g. /usr/local/cuda) to build the CUDA backend")
+    if problem := cuda_build_problem(home):
+        raise ToolkitError(problem)
     # torch guesses CUDA_HOME once at import, from nvcc on PATH (a wrapper script misleads it): name it
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, CUDA_HOME=str(home))
     code = ("import sys, pathlib; from locbe.lattice.build import _load; "
