@@ -73,10 +73,12 @@ ImageLattice build_image_parallel(const Features& feat, int64_t n, const torch::
 }
 
 // W (or W^T with `reverse`) of one image's lattice applied by the parallel kernels: values (K, N) -> out (K, N).
+// `pixel_major`: values and out are (N, K) rows (value (c, pixel) at pixel * K + c) instead of (K, N).
 template <class Launch, int D, typename scalar_t>
 void apply_image_parallel(const scalar_t* weights, const int32_t* entry_lattice, const int32_t* neighbours,
                           int64_t m, int64_t n, const scalar_t* vin, scalar_t* vout, int64_t k, Splat splat,
-                          bool reverse, const torch::TensorOptions& opts) {
+                          bool reverse, const torch::TensorOptions& opts, bool pixel_major = false) {
+  const int64_t cs = pixel_major ? 1 : n, ps = pixel_major ? k : 1;
   constexpr int V = D + 1;
   torch::Tensor order, seg_end;
   if (splat == Splat::kGather) {
@@ -91,7 +93,7 @@ void apply_image_parallel(const scalar_t* weights, const int32_t* entry_lattice,
   torch::Tensor lattice, other;
   for (int64_t c0 = 0; c0 < k; c0 += chunk) {
     const int64_t kc = std::min(chunk, k - c0);
-    const scalar_t* vin_c = vin + c0 * n;
+    const scalar_t* vin_c = vin + c0 * cs;
     if (!lattice.defined() || lattice.size(1) != kc) {
       lattice = torch::empty({m + 1, kc}, opts);
       other = torch::empty({m + 1, kc}, opts);
@@ -99,13 +101,13 @@ void apply_image_parallel(const scalar_t* weights, const int32_t* entry_lattice,
     switch (splat) {
       case Splat::kGather:
         Launch::run(m * kc, SplatGatherKernel<D, scalar_t>{vin_c, weights, order.data_ptr<int64_t>(),
-                                                           seg_end.data_ptr<int64_t>(), n, kc,
-                                                           lattice.data_ptr<scalar_t>()});
+                                                           seg_end.data_ptr<int64_t>(), cs, kc,
+                                                           lattice.data_ptr<scalar_t>(), ps});
         break;
       case Splat::kScatterAtomic:
         lattice.zero_();
-        Launch::run(n, SplatScatterKernel<D, scalar_t>{vin_c, weights, entry_lattice, n, kc,
-                                                       lattice.data_ptr<scalar_t>()});
+        Launch::run(n, SplatScatterKernel<D, scalar_t>{vin_c, weights, entry_lattice, cs, kc,
+                                                       lattice.data_ptr<scalar_t>(), ps});
         break;
     }
     // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
@@ -119,8 +121,8 @@ void apply_image_parallel(const scalar_t* weights, const int32_t* entry_lattice,
                                           neighbours + static_cast<int64_t>(j) * m * 2, kc});
       std::swap(lattice, other);
     }
-    Launch::run(n, SliceKernel<D, scalar_t>{lattice.data_ptr<scalar_t>(), weights, entry_lattice, n, kc,
-                                            static_cast<scalar_t>(alpha), vout + c0 * n});
+    Launch::run(n, SliceKernel<D, scalar_t>{lattice.data_ptr<scalar_t>(), weights, entry_lattice, cs, kc,
+                                            static_cast<scalar_t>(alpha), vout + c0 * cs, ps});
   }
 }
 
@@ -263,6 +265,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> lattice_b
   return {weights, entries, neighbours, offsets.to(opts.device())};
 }
 
+// values (B, K, N...) whose memory is (B, N, K): channel stride 1, pixel stride K (a (B, N, K) tensor transposed)
+inline bool pixel_major_layout(const torch::Tensor& t) {
+  if (t.dim() != 3 || t.size(1) <= 1) return false;
+  return t.stride(1) == 1 && t.stride(2) == t.size(1) && t.stride(0) == t.size(1) * t.size(2);
+}
+
 // W (or W^T with `reverse`) of each image's lattice applied to values (B, K, ...) with N pixels per channel, written
 // to `out` (contiguous, values' shape and dtype; not overlapping values): lattice_apply allocates it,
 // lattice_apply_out takes the caller's (the CRF's buffers, reused at every iteration).
@@ -286,10 +294,14 @@ void lattice_apply_into(const torch::Tensor& weights, const torch::Tensor& entri
   const int64_t b = weights.size(0), n = weights.size(1), d = weights.size(2) - 1, k = values_in.size(1);
   TORCH_CHECK_VALUE(values_in.numel() == b * k * n, "lattice_apply: values have ", values_in.numel() / std::max<int64_t>(b * k, 1),
                     " pixels per channel, the lattice ", n);
-  auto values = values_in.contiguous();
-  TORCH_CHECK_VALUE(out.is_contiguous() && out.sizes() == values.sizes() &&
-                        out.scalar_type() == values.scalar_type() && out.device() == values.device(),
-                    "lattice_apply_out: out must be contiguous, of the values' shape, dtype and device");
+  // (B, K, N) in memory, or pixel-major (B, N, K) memory seen as (B, K, N) (pixel_major_layout): taken as is
+  const bool pixel_major = pixel_major_layout(values_in);
+  auto values = pixel_major ? values_in : values_in.contiguous();
+  TORCH_CHECK_VALUE(out.sizes() == values.sizes() && out.scalar_type() == values.scalar_type() &&
+                        out.device() == values.device() &&
+                        (pixel_major ? pixel_major_layout(out) : out.is_contiguous()),
+                    "lattice_apply_out: out must have the values' shape, dtype, device and layout (contiguous, or "
+                    "pixel-major when the values are)");
   TORCH_CHECK_VALUE(out.data_ptr() != values.data_ptr() || out.numel() == 0, "lattice_apply_out: out is the values");
   if (out.numel() == 0) return;
   auto w_c = weights.contiguous();
@@ -311,7 +323,7 @@ void lattice_apply_into(const torch::Tensor& weights, const torch::Tensor& entri
         for (int64_t bi = 0; bi < b; ++bi)
           apply_image_parallel<Launch, D, scalar_t>(wp + bi * n * V, ep + bi * n * V, np + o[bi] * V * 2,
                                                     o[bi + 1] - o[bi], n, vin + bi * k * n, vout + bi * k * n, k,
-                                                    splat, reverse, values.options());
+                                                    splat, reverse, values.options(), pixel_major);
       } else {
         // whole images per thread, an image's channels split between threads when there are fewer images than
         // threads (channels are independent: the result does not depend on the split)
@@ -322,9 +334,10 @@ void lattice_apply_into(const torch::Tensor& weights, const torch::Tensor& entri
             const int64_t bi = item / splits, s = item % splits;
             const int64_t c0 = k * s / splits, c1 = k * (s + 1) / splits;
             StageClock clock(profile_stages());
+            const int64_t first = bi * k * n + c0 * (pixel_major ? 1 : n);  // channel c0 of image bi
             serial::apply_image_whole<D>(wp + bi * n * V, ep + bi * n * V, np + o[bi] * V * 2, o[bi + 1] - o[bi], n,
-                                         vin + (bi * k + c0) * n, vout + (bi * k + c0) * n, c1 - c0, reverse,
-                                         serial::workspace(), clock, /*buffer_share=*/1);
+                                         vin + first, vout + first, c1 - c0, reverse, serial::workspace(), clock,
+                                         /*buffer_share=*/1, /*ld=*/pixel_major ? k : 0);
           }
         });
       }
@@ -336,7 +349,8 @@ template <class Launch>
 torch::Tensor lattice_apply_impl(const torch::Tensor& weights, const torch::Tensor& entries,
                                  const torch::Tensor& neighbours, const torch::Tensor& offsets,
                                  const torch::Tensor& values, bool reverse) {
-  auto out = torch::empty(values.sizes(), values.options().memory_format(torch::MemoryFormat::Contiguous));
+  auto out = pixel_major_layout(values) ? torch::empty_strided(values.sizes(), values.strides(), values.options())
+                                         : torch::empty(values.sizes(), values.options());
   lattice_apply_into<Launch>(weights, entries, neighbours, offsets, values, reverse, out);
   return out;
 }

@@ -271,11 +271,12 @@ struct EntryLatticeKernel {
 // float additions is not fixed).
 template <int D, typename scalar_t>
 struct SplatScatterKernel {
-  const scalar_t* values_in;  // (K, N) one image
+  const scalar_t* values_in;  // one image: value (c, pixel) at c * cs + pixel * ps ((K, N): cs = N, ps = 1)
   const scalar_t* weights;
   const int32_t* entry_lattice;
-  int64_t n, k;
+  int64_t cs, k;
   scalar_t* lattice;  // (M + 1, K)
+  int64_t ps = 1;
 
   HOST_DEVICE void operator()(int64_t pixel) const {
     scalar_t w[D + 1];
@@ -285,7 +286,7 @@ struct SplatScatterKernel {
       row[r] = static_cast<int64_t>(entry_lattice[pixel * (D + 1) + r]) * k;
     }
     for (int64_t c = 0; c < k; ++c) {
-      const scalar_t v = values_in[c * n + pixel];
+      const scalar_t v = values_in[c * cs + pixel * ps];
       for (int r = 0; r <= D; ++r) atomic_add(lattice + row[r] + c, w[r] * v);
     }
   }
@@ -298,8 +299,9 @@ struct SplatGatherKernel {
   const scalar_t* weights;
   const int64_t* sorted_entries;  // entries ordered by (lattice index, entry id)
   const int64_t* segment_end;     // inclusive cumsum of entry counts per lattice point
-  int64_t n, k;
+  int64_t cs, k;  // value (c, pixel) at c * cs + pixel * ps
   scalar_t* lattice;
+  int64_t ps = 1;
 
   HOST_DEVICE void operator()(int64_t idx) const {  // idx = l * K + c
     int64_t l = idx / k, c = idx % k;
@@ -307,7 +309,7 @@ struct SplatGatherKernel {
     scalar_t acc = 0;
     for (int64_t t = begin; t < segment_end[l]; ++t) {
       int64_t e = sorted_entries[t];
-      acc += weights[e] * values_in[c * n + e / (D + 1)];
+      acc += weights[e] * values_in[c * cs + (e / (D + 1)) * ps];
     }
     lattice[idx] = acc;
   }
@@ -368,9 +370,10 @@ struct SliceKernel {
   const scalar_t* lattice;
   const scalar_t* weights;
   const int32_t* entry_lattice;
-  int64_t n, k;
+  int64_t cs, k;
   scalar_t alpha;
-  scalar_t* out;  // (K, N)
+  scalar_t* out;  // output (c, pixel) at c * cs + pixel * ps, as the values
+  int64_t ps = 1;
 
   HOST_DEVICE void operator()(int64_t pixel) const {
     scalar_t w[D + 1];
@@ -382,7 +385,7 @@ struct SliceKernel {
     for (int64_t c = 0; c < k; ++c) {
       scalar_t acc = 0;
       for (int r = 0; r <= D; ++r) acc += w[r] * row[r][c];
-      out[c * n + pixel] = alpha * acc;
+      out[c * cs + pixel * ps] = alpha * acc;
     }
   }
 };

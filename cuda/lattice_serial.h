@@ -303,6 +303,38 @@ void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ we
   }
 }
 
+// The same splat and slice on pixel-major values: pixel i's K values are the row vin + i * ld (no transposition).
+// Every lattice point receives its contributions in pixel order, and the slice adds the rows in vertex order, so
+// results equal splat / slice's bitwise.
+template <int V, typename scalar_t>
+void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const scalar_t* __restrict__ weights,
+                const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t* __restrict__ lattice) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* v = vin + i * ld;
+    for (int r = 0; r < V; ++r) {
+      const scalar_t wr = weights[i * V + r];
+      scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
+      for (int64_t c = 0; c < k; ++c) row[c] += wr * v[c];
+    }
+  }
+}
+
+template <int V, typename scalar_t>
+void slice_rows(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+                const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t alpha, scalar_t* __restrict__ vout,
+                int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t* __restrict__ acc = vout + i * ld;
+    for (int64_t c = 0; c < k; ++c) acc[c] = 0;
+    for (int r = 0; r < V; ++r) {
+      const scalar_t wr = weights[i * V + r];
+      const scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
+      for (int64_t c = 0; c < k; ++c) acc[c] += wr * row[c];
+    }
+    for (int64_t c = 0; c < k; ++c) acc[c] = alpha * acc[c];
+  }
+}
+
 template <typename scalar_t>
 bool all_finite(const scalar_t* v, int64_t count) {
   bool ok = true;
@@ -343,12 +375,14 @@ int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, in
   return m;
 }
 
-// W (or W^T with `reverse`) applied to K channels of one image on the calling thread: values (K, N) -> out (K, N).
+// W (or W^T with `reverse`) applied to K channels of one image on the calling thread: values (K, N) -> out (K, N),
+// or, with `ld` > 0, pixel-major values and out (pixel i's K channels at i * ld, ld >= K).
 // The lattice value buffers use the workspace's `shared` buffer (the hash table's, after a build).
 template <int D, typename scalar_t>
 void apply_image_whole(const scalar_t* weights, const int32_t* entries, const int32_t* neighbours, int64_t m,
                        int64_t n, const scalar_t* vin, scalar_t* vout, int64_t k, bool reverse, Workspace& ws,
-                       StageClock& clock, int64_t buffer_share = 2) {
+                       StageClock& clock, int64_t buffer_share = 2, int64_t ld = 0) {
+  const int64_t cs = ld > 0 ? 1 : n;  // channel stride
   constexpr int V = D + 1;
   // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed the image's share of
   // S (K x N) divided by `buffer_share`: the lattice can have more points than the image has pixels. The loss
@@ -362,7 +396,8 @@ void apply_image_whole(const scalar_t* weights, const int32_t* entries, const in
   for (int64_t c0 = 0; c0 < k; c0 += chunk) {
     const int64_t kc = std::min(chunk, k - c0);
     std::fill(lattice, lattice + (m + 1) * kc, scalar_t(0));
-    splat<V>(vin + c0 * n, weights, entries, n, kc, lattice, tile);
+    if (ld > 0) splat_rows<V>(vin + c0 * cs, ld, weights, entries, n, kc, lattice);
+    else splat<V>(vin + c0 * cs, weights, entries, n, kc, lattice, tile);
     // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
     TORCH_CHECK_VALUE(all_finite(lattice, m * kc), "lattice_filter: values must be finite (found NaN or inf)");
     clock.mark("splat");
@@ -374,7 +409,8 @@ void apply_image_whole(const scalar_t* weights, const int32_t* entries, const in
       std::swap(lattice, other);
     }
     clock.mark("blur");
-    slice<V>(lattice, weights, entries, n, kc, alpha, vout + c0 * n, tile);
+    if (ld > 0) slice_rows<V>(lattice, weights, entries, n, kc, alpha, vout + c0 * cs, ld);
+    else slice<V>(lattice, weights, entries, n, kc, alpha, vout + c0 * cs, tile);
     clock.mark("slice");
   }
 }

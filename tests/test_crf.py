@@ -65,6 +65,25 @@ def test_apply_is_independent_of_the_channel_split_and_threads():
     assert torch.equal(one, two) and torch.equal(one, per_channel)
 
 
+@pytest.mark.parametrize("d", [2, 5])
+def test_pixel_major_values_give_the_same_result(d):
+    """(B, N, K) memory passed as its (B, K, N) transpose: no copy, the output in the same layout, the values equal
+    bitwise to the contiguous layout's (the same sums in the same order), out= included."""
+    g = torch.Generator().manual_seed(d)
+    lattice = Lattice(torch.rand(2, 300, d, generator=g) * 6)
+    rows = torch.rand(2, 300, 7, generator=g)
+    values = rows.transpose(1, 2)
+    want = lattice.apply(values.contiguous())
+    for transpose in (False, True):
+        got = lattice.apply(values, transpose=transpose)
+        assert got.stride() == values.stride()
+        assert torch.equal(got, lattice.apply(values.contiguous(), transpose=transpose))
+    out = torch.empty_like(rows).transpose(1, 2)
+    assert lattice.apply(values, out=out) is out and torch.equal(out, want)
+    with pytest.raises(ValueError, match="layout"):
+        lattice.apply(values, out=torch.empty(2, 7, 300))
+
+
 @given(n=st.integers(1, 40), d=st.sampled_from([2, 5]), k=st.integers(1, 3), spread=st.floats(0.5, 8.0),
        transpose=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_lattice_equals_plain_reference(n, d, k, spread, transpose, seed):

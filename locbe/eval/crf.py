@@ -69,7 +69,8 @@ def _pixel_features(images, sxy: float, srgb: float | None):
 def dense_crf_lattice(images, probs, params: CRFParams = CRFParams()):
     """The dense CRF on locbe's lattice for a batch of equally sized images: ``images`` (B, H, W, 3) uint8 and
     ``probs`` (B, C, H, W) float (summing to 1 over C), torch tensors on one device -> refined probabilities
-    (B, C, H, W) float32 on that device. Each step is the one of shared/spec/crf.md; the two lattices (xy and
+    (B, C, H, W) float32 on that device (a view of pixel-major memory: ``.contiguous()`` where that matters).
+    Each step is the one of shared/spec/crf.md; the two lattices (xy and
     xy-rgb) are built once and applied 1 (normalisation) + ``n_iter`` times each."""
     import torch
 
@@ -82,7 +83,10 @@ def dense_crf_lattice(images, probs, params: CRFParams = CRFParams()):
         raise ValueError(f"images {tuple(images.shape)} on {images.device} do not match probs {tuple(probs.shape)} "
                          f"on {probs.device}")
     n = h * w
-    q = probs.to(torch.float32).reshape(b, c, n)
+    # pixel-major (B, N, C) buffers, as pydensecrf holds Q: the lattice takes their (B, C, N) transposes without a
+    # copy (rows of C channels per pixel, no transposition in splat and slice) and the softmax runs over the
+    # contiguous last dimension
+    q = probs.to(torch.float32).reshape(b, c, n).transpose(1, 2).contiguous()
     neg_unary = torch.log(q.clamp(1e-5, 1.0))  # -U: U = -log(clip(P, 1e-5, 1)), pydensecrf.utils.unary_from_softmax
     specs = [(sxy, srgb, float(weight)) for sxy, srgb, weight in ((params.gauss_sxy, None, params.gauss_compat),
                                                                   (params.bi_sxy, params.bi_srgb, params.bi_compat))
@@ -107,14 +111,15 @@ def dense_crf_lattice(images, probs, params: CRFParams = CRFParams()):
         kernels = [build(spec) for spec in specs]
     # softmax over classes (max subtracted, as pydensecrf's expAndNormalize), into q's buffer: no allocation per
     # iteration (a 640x480 image with 81 classes is 100 MB per tensor)
-    q = torch.softmax(neg_unary, dim=1)
+    q = torch.softmax(neg_unary, dim=2)
     energy = torch.empty_like(q)
     for _ in range(params.n_iter):
         energy.copy_(neg_unary)
         for lattice, weight, out in kernels:  # Potts: the message is -weight x F(Q), subtracted from -U
-            energy.add_(lattice.apply(q, out=out), alpha=weight)
-        torch.ops.aten._softmax.out(energy, 1, False, out=q)
-    return q.reshape(b, c, h, w)
+            lattice.apply(q.transpose(1, 2), out=out.transpose(1, 2))
+            energy.add_(out, alpha=weight)
+        torch.ops.aten._softmax.out(energy, 2, False, out=q)
+    return q.transpose(1, 2).reshape(b, c, h, w)  # a (B, C, H, W) view of the pixel-major result
 
 
 def crf_labels_lattice(jobs, device, params: CRFParams = CRFParams(), max_batch: int = 8):

@@ -53,8 +53,15 @@ def _fake_build(features):
             features.new_empty((m,), dtype=torch.int32), features.new_empty((b + 1,), dtype=torch.int64))
 
 
+def _pixel_major(t) -> bool:
+    """(B, K, N) values whose memory is (B, N, K): the op takes them as they are (cuda/lattice_filter.h)."""
+    return t.dim() == 3 and t.shape[1] > 1 and t.stride() == (t.shape[1] * t.shape[2], 1, t.shape[1])
+
+
 def _fake_apply(weights, entries, neighbours, offsets, values, reverse=False):
     torch._check(values.dtype == weights.dtype, lambda: "values must have the lattice weights' dtype")
+    if _pixel_major(values):  # the output has the values' layout
+        return torch.empty_strided(values.shape, values.stride(), dtype=values.dtype, device=values.device)
     return values.new_empty(values.shape)
 
 
@@ -135,8 +142,10 @@ class Lattice:
         return self.offsets.diff()
 
     def apply(self, values: torch.Tensor, transpose: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """W values (W^T with ``transpose``); with ``out`` (a contiguous tensor of the values' shape and dtype, not
-        the values) the result is written there (no allocation: the CRF reuses its buffers; not differentiable)."""
+        """W values (W^T with ``transpose``); with ``out`` (a tensor of the values' shape, dtype and layout, not the
+        values) the result is written there (no allocation: the CRF reuses its buffers; not differentiable).
+        Values are (B, K, ...) contiguous, or pixel-major: a (B, N, K) tensor transposed to (B, K, N), taken
+        without a copy (its output is pixel-major too)."""
         if values.dim() < 2 or values.shape[0] != self.batch or math.prod(values.shape[2:]) != self.pixels:
             raise ValueError(f"values must be (B={self.batch}, K, ...) with {self.pixels} pixels per channel, got "
                              f"{tuple(values.shape)}")
