@@ -132,6 +132,11 @@ def test_opcheck_build_and_apply():
         for dtype in (torch.float32, torch.float64):
             values = torch.rand(2, 3, 40, generator=g, dtype=dtype, requires_grad=True)
             torch.library.opcheck(torch.ops.locbe.lattice_apply.default, (w.to(dtype), e, nb, off, values, False))
+            rows = torch.rand(2, 40, 3, generator=g, dtype=dtype).transpose(1, 2)  # pixel-major
+            torch.library.opcheck(torch.ops.locbe.lattice_apply.default, (w.to(dtype), e, nb, off, rows, True))
+            out = torch.empty(2, 3, 40, dtype=dtype)
+            torch.library.opcheck(torch.ops.locbe.lattice_apply_out.default,
+                                  (w.to(dtype), e, nb, off, values.detach(), False, out))
 
 
 def test_bad_inputs_raise_one_line():
