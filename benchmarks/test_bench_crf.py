@@ -7,7 +7,8 @@ the process's torch threads (2 here), pydensecrf as it runs in the evaluation's 
 Targets on the 2-core machine: lattice >= 2x pydensecrf at K=81 and >= 1.5x at K=21 (ratio of the medians).
 Peak memory of each backend beside it (locbe/bench.py measure_peak: resident high-water mark over the call).
 The load average before and after is recorded: a busy machine slows both, but not equally (the lattice
-uses two cores, pydensecrf one).
+uses two cores and waits for the slower of its threads, pydensecrf one core), so the lattice also runs with
+one thread (``lattice_1thread``), the per-core comparison, in the same rotation.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_crf import network_probs, photo  # noqa: E402
 
 CASES = [("coffee", 375, 500, 21, 5), ("rocket", 480, 640, 81, 3)]  # (photo, H, W, K, rounds)
+# peak memory is reported: large blocks are mapped fresh and returned on free (benchmarks/conftest.py), as glibc's
+# default does for blocks above 32 MiB anyway (a 640x480 image with 81 classes is 100 MB per buffer)
+MALLOC_STATE = "peak"
 
 
 def _load() -> float:
@@ -43,25 +47,38 @@ def _inputs(name, h, w, k):
 @pytest.mark.parametrize("name,h,w,k,rounds", CASES, ids=[f"{c[2]}x{c[1]}-K{c[3]}" for c in CASES])
 def test_crf_lattice_vs_pydensecrf(benchmark, name, h, w, k, rounds):
     image, probs, im, pr = _inputs(name, h, w, k)
-    lattice = lambda: dense_crf_lattice(im, pr)  # noqa: E731
-    oracle = lambda: dense_crf(image, probs)  # noqa: E731
+    threads = torch.get_num_threads()
+
+    def lattice_1thread():  # the lattice on one core, as pydensecrf runs: the per-core comparison
+        torch.set_num_threads(1)
+        try:
+            return dense_crf_lattice(im, pr)
+        finally:
+            torch.set_num_threads(threads)
+
+    runs = {"lattice": lambda: dense_crf_lattice(im, pr), "pydensecrf": lambda: dense_crf(image, probs),
+            "lattice_1thread": lattice_1thread}
+    lattice = runs["lattice"]
     load_before = _load()
-    got, ref = lattice(), oracle()  # warm-up (the op's library, the lattice workspace)
+    got, ref = lattice(), runs["pydensecrf"]()  # warm-up (the op's library, the lattice workspace)
+    runs["lattice_1thread"]()
     agree = float((got[0].numpy().argmax(0) == ref.argmax(0)).mean())
-    times = {"lattice": [], "pydensecrf": []}
-    for r in range(rounds):
-        for which in (("lattice", "pydensecrf") if r % 2 == 0 else ("pydensecrf", "lattice")):
+    times = {key: [] for key in runs}
+    for r in range(rounds):  # the three in a rotating order
+        order = list(runs)[r % 3:] + list(runs)[:r % 3]
+        for which in order:
             t0 = time.perf_counter()
-            (lattice if which == "lattice" else oracle)()
+            runs[which]()
             times[which].append(time.perf_counter() - t0)
     _, peak_lattice = measure_peak(lattice)
-    _, peak_oracle = measure_peak(oracle)
+    _, peak_oracle = measure_peak(runs["pydensecrf"])
     benchmark.pedantic(lattice, rounds=1, iterations=1)
     med = {key: statistics.median(v) for key, v in times.items()}
     pairs = [p / q for p, q in zip(times["pydensecrf"], times["lattice"])]
     benchmark.extra_info.update(
         image=name, H=h, W=w, K=k, rounds=rounds, threads=torch.get_num_threads(),
         lattice_s=med["lattice"], pydensecrf_s=med["pydensecrf"], speedup=med["pydensecrf"] / med["lattice"],
+        lattice_1thread_s=med["lattice_1thread"], speedup_1thread=med["pydensecrf"] / med["lattice_1thread"],
         pair_speedup_min=min(pairs), pair_speedup_max=max(pairs),
         lattice_peak_mb=peak_lattice / 2**20, pydensecrf_peak_mb=peak_oracle / 2**20, label_agreement=agree,
         load_before=load_before, load_after=_load())

@@ -136,7 +136,8 @@ def table(current: dict[str, dict], previous: dict[str, dict] | None) -> str:
                     "passive_busy_over_quiet", "default_busy_over_quiet", "quiet_locbe_over_default",
                     "quiet_passive_over_default", "locbe_op_busy_over_quiet", "passive_op_busy_over_quiet",
                     "default_op_busy_over_quiet", "neighbour_arrives_later_busy_over_quiet", "lattice_s",
-                    "pydensecrf_s", "speedup", "pair_speedup_min", "pair_speedup_max", "lattice_peak_mb",
+                    "pydensecrf_s", "speedup", "lattice_1thread_s", "speedup_1thread", "pair_speedup_min",
+                    "pair_speedup_max", "lattice_peak_mb",
                     "pydensecrf_peak_mb", "label_agreement", "gpu_ms_per_image", "load_before", "load_after"):
             if key in r:
                 row[key] = r[key]
