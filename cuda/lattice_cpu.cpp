@@ -1,6 +1,7 @@
 // CPU backend: the kernels of lattice_kernels.h in parallel loops (or whole images per thread, lattice_serial.h),
 // the plain serial reference (one channel at a time, std::map lattice, simple loops) used by the tests, and the
-// registration of the custom ops `locbe::lattice_filter` and `locbe::lattice_filter_serial` (TORCH_LIBRARY).
+// registration of the custom ops `locbe::lattice_filter`, `locbe::lattice_filter_serial`, `locbe::lattice_build`
+// and `locbe::lattice_apply` (TORCH_LIBRARY).
 #include <torch/library.h>
 
 #include <array>
@@ -25,6 +26,25 @@ torch::Tensor lattice_filter_cpu(const torch::Tensor& image, const torch::Tensor
                                  double sigma_rgb, bool reverse, bool atomic_splat) {
   TORCH_CHECK(values.device().is_cpu(), "lattice_filter_cpu got a tensor on ", values.device());
   return lattice_filter_impl<CpuLaunch>(image, values, sigma_xy, sigma_rgb, reverse, atomic_splat);
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> lattice_build_cpu(const torch::Tensor& features) {
+  TORCH_CHECK(features.device().is_cpu(), "lattice_build_cpu got a tensor on ", features.device());
+  return lattice_build_impl<CpuLaunch>(features);
+}
+
+torch::Tensor lattice_apply_cpu(const torch::Tensor& weights, const torch::Tensor& entries,
+                                const torch::Tensor& neighbours, const torch::Tensor& offsets,
+                                const torch::Tensor& values, bool reverse) {
+  TORCH_CHECK(values.device().is_cpu(), "lattice_apply_cpu got a tensor on ", values.device());
+  return lattice_apply_impl<CpuLaunch>(weights, entries, neighbours, offsets, values, reverse);
+}
+
+void lattice_apply_out_cpu(const torch::Tensor& weights, const torch::Tensor& entries,
+                           const torch::Tensor& neighbours, const torch::Tensor& offsets, const torch::Tensor& values,
+                           bool reverse, torch::Tensor out) {
+  TORCH_CHECK(values.device().is_cpu(), "lattice_apply_out_cpu got a tensor on ", values.device());
+  lattice_apply_into<CpuLaunch>(weights, entries, neighbours, offsets, values, reverse, out);
 }
 
 // ---------------------------------------------------------------------------- serial reference
@@ -148,9 +168,18 @@ TORCH_LIBRARY(locbe, m) {
         "bool atomic_splat=False) -> Tensor");
   m.def("lattice_filter_serial(Tensor image, Tensor values, float sigma_xy, float sigma_rgb, bool reverse=False) "
         "-> Tensor");
+  // a lattice built once from (B, N, D) features (D = 2 or 5, divided by their sigmas), applied many times
+  m.def("lattice_build(Tensor features) -> (Tensor weights, Tensor entries, Tensor neighbours, Tensor offsets)");
+  m.def("lattice_apply(Tensor weights, Tensor entries, Tensor neighbours, Tensor offsets, Tensor values, "
+        "bool reverse=False) -> Tensor");
+  m.def("lattice_apply_out(Tensor weights, Tensor entries, Tensor neighbours, Tensor offsets, Tensor values, "
+        "bool reverse, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(locbe, CPU, m) {
   m.impl("lattice_filter", &locbe::lattice_filter_cpu);
   m.impl("lattice_filter_serial", &locbe::lattice_filter_serial);
+  m.impl("lattice_build", &locbe::lattice_build_cpu);
+  m.impl("lattice_apply", &locbe::lattice_apply_cpu);
+  m.impl("lattice_apply_out", &locbe::lattice_apply_out_cpu);
 }

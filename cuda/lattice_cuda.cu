@@ -34,6 +34,30 @@ torch::Tensor lattice_filter_cuda(const torch::Tensor& image, const torch::Tenso
   return lattice_filter_impl<CudaLaunch>(image, values, sigma_xy, sigma_rgb, reverse, atomic_splat);
 }
 
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> lattice_build_cuda(const torch::Tensor& features) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  return lattice_build_impl<CudaLaunch>(features);
+}
+
+torch::Tensor lattice_apply_cuda(const torch::Tensor& weights, const torch::Tensor& entries,
+                                 const torch::Tensor& neighbours, const torch::Tensor& offsets,
+                                 const torch::Tensor& values, bool reverse) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  return lattice_apply_impl<CudaLaunch>(weights, entries, neighbours, offsets, values, reverse);
+}
+
+void lattice_apply_out_cuda(const torch::Tensor& weights, const torch::Tensor& entries,
+                            const torch::Tensor& neighbours, const torch::Tensor& offsets,
+                            const torch::Tensor& values, bool reverse, torch::Tensor out) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  lattice_apply_into<CudaLaunch>(weights, entries, neighbours, offsets, values, reverse, out);
+}
+
 }  // namespace locbe
 
-TORCH_LIBRARY_IMPL(locbe, CUDA, m) { m.impl("lattice_filter", &locbe::lattice_filter_cuda); }
+TORCH_LIBRARY_IMPL(locbe, CUDA, m) {
+  m.impl("lattice_filter", &locbe::lattice_filter_cuda);
+  m.impl("lattice_build", &locbe::lattice_build_cuda);
+  m.impl("lattice_apply", &locbe::lattice_apply_cuda);
+  m.impl("lattice_apply_out", &locbe::lattice_apply_out_cuda);
+}

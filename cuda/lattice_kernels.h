@@ -8,6 +8,9 @@
 // 1/sqrt((i+1)(i+2)); splat to the d+1 simplex vertices with barycentric weights; blur along each of
 // the d+1 lattice axes v <- v + 0.5 (v_left + v_right); slice with the same weights times
 // alpha = 1 / (1 + 2^-d). The pixel's own contribution is kept.
+//
+// The feature dimension d is a template parameter D of every body that depends on it (the regularized loss uses
+// d = 5 on image features; the dense CRF d = 2 and d = 5 on features given as a tensor). kD = 5 names the loss's.
 #pragma once
 
 #include <cmath>
@@ -21,9 +24,10 @@
 
 namespace locbe {
 
-constexpr int kD = 5;        // feature dimensions
-constexpr int kV = kD + 1;   // simplex vertices per pixel
+constexpr int kD = 5;        // feature dimensions of the regularized loss's lattice (x, y, r, g, b)
+constexpr int kV = kD + 1;   // its simplex vertices per pixel
 constexpr int kEmpty = -1;   // empty hash slot
+constexpr int kMaxD = 5;     // the largest feature dimension compiled (packed CPU keys hold 5 x 12 bits)
 
 // ---------------------------------------------------------------------------- atomics
 HOST_DEVICE inline int atomic_cas(int* addr, int expected, int desired) {
@@ -54,44 +58,46 @@ HOST_DEVICE inline void atomic_add(T* addr, T v) {
 }
 
 // ---------------------------------------------------------------------------- hashing
+template <int D>
 HOST_DEVICE inline uint32_t hash_key(const int16_t* key) {
   uint32_t h = 0;
-  for (int i = 0; i < kD; ++i) {
+  for (int i = 0; i < D; ++i) {
     h += static_cast<uint32_t>(static_cast<int32_t>(key[i]));
     h *= 2531011u;
   }
   return h;
 }
 
+template <int D>
 HOST_DEVICE inline bool keys_equal(const int16_t* a, const int16_t* b) {
-  for (int i = 0; i < kD; ++i)
+  for (int i = 0; i < D; ++i)
     if (a[i] != b[i]) return false;
   return true;
 }
 
 // Compact per-pixel key data: the d+1 simplex vertices of a pixel are rem0 + a canonical offset that depends
-// on the coordinate's rank only, so a pixel stores rem0 (kD int16) and the ranks (kD x 3 bits in one int16)
-// instead of (d+1) x kD keys: 12 bytes per pixel instead of 60.
-constexpr int kPix = kD + 1;
-
+// on the coordinate's rank only, so a pixel stores rem0 (D int16) and the ranks (D x 3 bits in one int16)
+// instead of (d+1) x D keys: 12 bytes per pixel instead of 60 at d = 5. A pixel's key data are D + 1 int16.
+template <int D>
 HOST_DEVICE inline void entry_key(const int16_t* pixel_keys, int64_t e, int16_t* key) {
-  const int16_t* p = pixel_keys + (e / kV) * kPix;
-  const int r = static_cast<int>(e % kV);
-  const int ranks = static_cast<uint16_t>(p[kD]);
-  for (int j = 0; j < kD; ++j) {
+  const int16_t* p = pixel_keys + (e / (D + 1)) * (D + 1);
+  const int r = static_cast<int>(e % (D + 1));
+  const int ranks = static_cast<uint16_t>(p[D]);
+  for (int j = 0; j < D; ++j) {
     const int rank = (ranks >> (3 * j)) & 7;  // canonical simplex vertex r: +r where rank <= d-r, else r-(d+1)
-    key[j] = static_cast<int16_t>(p[j] + ((rank <= kD - r) ? r : r - (kD + 1)));
+    key[j] = static_cast<int16_t>(p[j] + ((rank <= D - r) ? r : r - (D + 1)));
   }
 }
 
 // After CompactKernel occupied slots hold lattice indices and point_keys[l] is point l's key. Returns the
 // lattice index of `key`, or -1 when it is not a lattice point.
+template <int D>
 HOST_DEVICE inline int64_t find_point(const int* table, int64_t mask, const int16_t* point_keys, const int16_t* key) {
-  int64_t s = hash_key(key) & mask;
+  int64_t s = hash_key<D>(key) & mask;
   while (true) {
     const int l = table[s];
     if (l == kEmpty) return -1;
-    if (keys_equal(point_keys + static_cast<int64_t>(l) * kD, key)) return l;
+    if (keys_equal<D>(point_keys + static_cast<int64_t>(l) * D, key)) return l;
     s = (s + 1) & mask;
   }
 }
@@ -110,77 +116,97 @@ HOST_DEVICE inline int round_half_away(float x) {
 // One point: the remainder-0 vertex rem0 (multiples of kV), the ranks (a permutation of 0..kD) and the d+1
 // barycentric weights (the math of Kraehenbuehl's permutohedral.cpp). Shared by ElevateKernel and the CPU
 // whole-image schedule (lattice_serial.h).
+template <int D>
 HOST_DEVICE inline void elevate_point(const float* f, int* rem0, int* rank, float* bary) {
-  const float inv_std = sqrtf(2.0f / 3.0f) * (kD + 1);
-  float elevated[kV];
+  const float inv_std = sqrtf(2.0f / 3.0f) * (D + 1);
+  float elevated[(D + 1)];
   float sm = 0.0f;
-  for (int j = kD; j > 0; --j) {
+  for (int j = D; j > 0; --j) {
     float cf = f[j - 1] * (1.0f / sqrtf(static_cast<float>((j + 1) * j)) * inv_std);
     elevated[j] = sm - j * cf;
     sm += cf;
   }
   elevated[0] = sm;
 
-  const float down = 1.0f / (kD + 1);
-  const float up = static_cast<float>(kD + 1);
+  const float down = 1.0f / (D + 1);
+  const float up = static_cast<float>(D + 1);
   int sum = 0;
-  for (int j = 0; j <= kD; ++j) {
+  for (int j = 0; j <= D; ++j) {
     int rd = round_half_away(down * elevated[j]);
     rem0[j] = static_cast<int>(rd * up);
     sum += rd;
     rank[j] = 0;
   }
-  float diff[kV];
-  for (int j = 0; j <= kD; ++j) diff[j] = elevated[j] - rem0[j];
-  for (int a = 0; a < kD; ++a) {
-    for (int b = a + 1; b <= kD; ++b) {  // branch-free: the comparisons are unpredictable
+  float diff[(D + 1)];
+  for (int j = 0; j <= D; ++j) diff[j] = elevated[j] - rem0[j];
+  for (int a = 0; a < D; ++a) {
+    for (int b = a + 1; b <= D; ++b) {  // branch-free: the comparisons are unpredictable
       const int lt = diff[a] < diff[b];
       rank[a] += lt;
       rank[b] += 1 - lt;
     }
   }
-  for (int j = 0; j <= kD; ++j) {
+  for (int j = 0; j <= D; ++j) {
     rank[j] += sum;
-    if (rank[j] < 0) { rank[j] += kD + 1; rem0[j] += kD + 1; }
-    else if (rank[j] > kD) { rank[j] -= kD + 1; rem0[j] -= kD + 1; }
+    if (rank[j] < 0) { rank[j] += D + 1; rem0[j] += D + 1; }
+    else if (rank[j] > D) { rank[j] -= D + 1; rem0[j] -= D + 1; }
   }
-  float b[kV + 1];
-  for (int j = 0; j <= kD + 1; ++j) b[j] = 0.0f;
-  for (int j = 0; j <= kD; ++j) {
+  float b[(D + 1) + 1];
+  for (int j = 0; j <= D + 1; ++j) b[j] = 0.0f;
+  for (int j = 0; j <= D; ++j) {
     float v = (elevated[j] - rem0[j]) * down;
-    b[kD - rank[j]] += v;
-    b[kD - rank[j] + 1] -= v;
+    b[D - rank[j]] += v;
+    b[D - rank[j] + 1] -= v;
   }
-  b[0] += 1.0f + b[kD + 1];
-  for (int r = 0; r <= kD; ++r) bary[r] = b[r];
+  b[0] += 1.0f + b[D + 1];
+  for (int r = 0; r <= D; ++r) bary[r] = b[r];
 }
 
-// One pixel: its compact key data and d+1 barycentric weights.
-template <typename scalar_t>
-struct ElevateKernel {
+// Feature sources of the elevation: the loss's five image features (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) computed
+// from the image, or D features per pixel read from an (N, D) tensor (the dense CRF's, divided by their sigmas).
+struct ImageFeatures {
+  static constexpr int kDim = kD;
   const float* image;  // (3, N) channel-first, 0..255
   int64_t n, width;
   float inv_sxy, inv_srgb;
-  int16_t* pixel_keys;  // (N, kPix)
-  scalar_t* weights;    // (N * kV)
-
-  HOST_DEVICE void operator()(int64_t i) const {
-    float f[kD];
+  HOST_DEVICE void operator()(int64_t i, float* f) const {
     f[0] = static_cast<float>(i % width) * inv_sxy;
     f[1] = static_cast<float>(i / width) * inv_sxy;
     for (int c = 0; c < 3; ++c) f[2 + c] = image[c * n + i] * inv_srgb;
-    int rem0[kV], rank[kV];
-    float bary[kV];
-    elevate_point(f, rem0, rank, bary);
+  }
+};
 
-    int16_t* p = pixel_keys + i * kPix;
+template <int D>
+struct TensorFeatures {
+  static constexpr int kDim = D;
+  const float* features;  // (N, D)
+  HOST_DEVICE void operator()(int64_t i, float* f) const {
+    for (int j = 0; j < D; ++j) f[j] = features[i * D + j];
+  }
+};
+
+// One pixel: its compact key data and d+1 barycentric weights.
+template <int D, typename scalar_t, class Features>
+struct ElevateKernel {
+  Features feat;
+  int16_t* pixel_keys;  // (N, D + 1)
+  scalar_t* weights;    // (N * (D + 1))
+
+  HOST_DEVICE void operator()(int64_t i) const {
+    float f[D];
+    feat(i, f);
+    int rem0[D + 1], rank[D + 1];
+    float bary[D + 1];
+    elevate_point<D>(f, rem0, rank, bary);
+
+    int16_t* p = pixel_keys + i * (D + 1);
     int ranks = 0;
-    for (int j = 0; j < kD; ++j) {
+    for (int j = 0; j < D; ++j) {
       p[j] = static_cast<int16_t>(rem0[j]);
       ranks |= rank[j] << (3 * j);
     }
-    p[kD] = static_cast<int16_t>(static_cast<uint16_t>(ranks));
-    for (int r = 0; r <= kD; ++r) weights[i * kV + r] = static_cast<scalar_t>(bary[r]);
+    p[D] = static_cast<int16_t>(static_cast<uint16_t>(ranks));
+    for (int r = 0; r <= D; ++r) weights[i * (D + 1) + r] = static_cast<scalar_t>(bary[r]);
   }
 };
 
@@ -188,6 +214,7 @@ struct ElevateKernel {
 // One pixel, its d+1 entries (pixel, vertex): claim a slot for each key with an atomic compare-and-swap (a slot
 // keeps the first entry id that claimed it). The CPU whole-image schedule has its own serial table
 // (lattice_serial.h).
+template <int D>
 struct InsertKernel {
   int* table;
   int64_t mask;
@@ -195,17 +222,17 @@ struct InsertKernel {
   int32_t* entry_lattice;  // (N * kV) receives the slot; EntryLatticeKernel turns it into the lattice index
 
   HOST_DEVICE void operator()(int64_t pixel) const {
-    const int64_t e0 = pixel * kV;
-    int16_t key[kD], other[kD];
-    for (int r = 0; r < kV; ++r) {
+    const int64_t e0 = pixel * (D + 1);
+    int16_t key[D], other[D];
+    for (int r = 0; r <= D; ++r) {
       const int64_t e = e0 + r;
-      entry_key(pixel_keys, e, key);
-      int64_t s = hash_key(key) & mask;
+      entry_key<D>(pixel_keys, e, key);
+      int64_t s = hash_key<D>(key) & mask;
       while (true) {
         const int found = atomic_cas(table + s, kEmpty, static_cast<int>(e));
         if (found == kEmpty) break;
-        entry_key(pixel_keys, found, other);
-        if (keys_equal(other, key)) break;
+        entry_key<D>(pixel_keys, found, other);
+        if (keys_equal<D>(other, key)) break;
         s = (s + 1) & mask;
       }
       entry_lattice[e] = static_cast<int32_t>(s);
@@ -215,17 +242,18 @@ struct InsertKernel {
 
 // ---------------------------------------------------------------------------- 3. compact
 // One slot: occupied slots get their lattice index (occupied slots in slot order) and the point's key.
+template <int D>
 struct CompactKernel {
   int* table;
   const int32_t* slot_index;  // inclusive prefix count of occupied slots
   const int16_t* pixel_keys;
-  int16_t* point_keys;        // (M, kD)
+  int16_t* point_keys;        // (M, D)
 
   HOST_DEVICE void operator()(int64_t s) const {
     const int e = table[s];
     if (e == kEmpty) return;
     const int32_t l = slot_index[s] - 1;
-    entry_key(pixel_keys, e, point_keys + static_cast<int64_t>(l) * kD);
+    entry_key<D>(pixel_keys, e, point_keys + static_cast<int64_t>(l) * D);
     table[s] = l;
   }
 };
@@ -241,37 +269,39 @@ struct EntryLatticeKernel {
 // ---------------------------------------------------------------------------- 4. splat
 // Scatter, one pixel: its K values go to its d+1 lattice points with atomic adds (the CUDA default; the order of
 // float additions is not fixed).
-template <typename scalar_t>
+template <int D, typename scalar_t>
 struct SplatScatterKernel {
-  const scalar_t* values_in;  // (K, N) one image
+  const scalar_t* values_in;  // one image: value (c, pixel) at c * cs + pixel * ps ((K, N): cs = N, ps = 1)
   const scalar_t* weights;
   const int32_t* entry_lattice;
-  int64_t n, k;
+  int64_t cs, k;
   scalar_t* lattice;  // (M + 1, K)
+  int64_t ps = 1;
 
   HOST_DEVICE void operator()(int64_t pixel) const {
-    scalar_t w[kV];
-    int64_t row[kV];
-    for (int r = 0; r < kV; ++r) {
-      w[r] = weights[pixel * kV + r];
-      row[r] = static_cast<int64_t>(entry_lattice[pixel * kV + r]) * k;
+    scalar_t w[D + 1];
+    int64_t row[D + 1];
+    for (int r = 0; r <= D; ++r) {
+      w[r] = weights[pixel * (D + 1) + r];
+      row[r] = static_cast<int64_t>(entry_lattice[pixel * (D + 1) + r]) * k;
     }
     for (int64_t c = 0; c < k; ++c) {
-      const scalar_t v = values_in[c * n + pixel];
-      for (int r = 0; r < kV; ++r) atomic_add(lattice + row[r] + c, w[r] * v);
+      const scalar_t v = values_in[c * cs + pixel * ps];
+      for (int r = 0; r <= D; ++r) atomic_add(lattice + row[r] + c, w[r] * v);
     }
   }
 };
 
 // Gather in entry order (deterministic in parallel): entries sorted by lattice index, stable in entry id.
-template <typename scalar_t>
+template <int D, typename scalar_t>
 struct SplatGatherKernel {
   const scalar_t* values_in;
   const scalar_t* weights;
   const int64_t* sorted_entries;  // entries ordered by (lattice index, entry id)
   const int64_t* segment_end;     // inclusive cumsum of entry counts per lattice point
-  int64_t n, k;
+  int64_t cs, k;  // value (c, pixel) at c * cs + pixel * ps
   scalar_t* lattice;
+  int64_t ps = 1;
 
   HOST_DEVICE void operator()(int64_t idx) const {  // idx = l * K + c
     int64_t l = idx / k, c = idx % k;
@@ -279,7 +309,7 @@ struct SplatGatherKernel {
     scalar_t acc = 0;
     for (int64_t t = begin; t < segment_end[l]; ++t) {
       int64_t e = sorted_entries[t];
-      acc += weights[e] * values_in[c * n + e / kV];
+      acc += weights[e] * values_in[c * cs + (e / (D + 1)) * ps];
     }
     lattice[idx] = acc;
   }
@@ -287,28 +317,29 @@ struct SplatGatherKernel {
 
 // ---------------------------------------------------------------------------- 5. blur
 // Neighbours along `axis`, looked up in the hash table once per image: (d+1) x M x 2 indices, missing = M.
+template <int D>
 struct NeighbourKernel {
   const int* table;
   int64_t mask;
   const int16_t* point_keys;
   int64_t m;
-  int32_t* neighbours;  // (kV, M, 2)
+  int32_t* neighbours;  // (D + 1, M, 2)
 
   HOST_DEVICE void operator()(int64_t idx) const {  // idx = axis * M + l
     const int axis = static_cast<int>(idx / m);
     const int64_t l = idx % m;
-    const int16_t* key = point_keys + l * kD;
-    int16_t n1[kD], n2[kD];
-    for (int t = 0; t < kD; ++t) {
+    const int16_t* key = point_keys + l * D;
+    int16_t n1[D], n2[D];
+    for (int t = 0; t < D; ++t) {
       n1[t] = static_cast<int16_t>(key[t] - 1);
       n2[t] = static_cast<int16_t>(key[t] + 1);
     }
-    if (axis < kD) {
-      n1[axis] = static_cast<int16_t>(key[axis] + kD);
-      n2[axis] = static_cast<int16_t>(key[axis] - kD);
+    if (axis < D) {
+      n1[axis] = static_cast<int16_t>(key[axis] + D);
+      n2[axis] = static_cast<int16_t>(key[axis] - D);
     }
-    const int64_t p1 = find_point(table, mask, point_keys, n1);
-    const int64_t p2 = find_point(table, mask, point_keys, n2);
+    const int64_t p1 = find_point<D>(table, mask, point_keys, n1);
+    const int64_t p2 = find_point<D>(table, mask, point_keys, n2);
     neighbours[2 * idx] = static_cast<int32_t>(p1 < 0 ? m : p1);
     neighbours[2 * idx + 1] = static_cast<int32_t>(p2 < 0 ? m : p2);
   }
@@ -334,26 +365,27 @@ struct BlurKernel {
 
 // ---------------------------------------------------------------------------- 6. slice
 // One pixel, all channels of the chunk: rows of the lattice are contiguous in the channel.
-template <typename scalar_t>
+template <int D, typename scalar_t>
 struct SliceKernel {
   const scalar_t* lattice;
   const scalar_t* weights;
   const int32_t* entry_lattice;
-  int64_t n, k;
+  int64_t cs, k;
   scalar_t alpha;
-  scalar_t* out;  // (K, N)
+  scalar_t* out;  // output (c, pixel) at c * cs + pixel * ps, as the values
+  int64_t ps = 1;
 
   HOST_DEVICE void operator()(int64_t pixel) const {
-    scalar_t w[kV];
-    const scalar_t* row[kV];
-    for (int r = 0; r < kV; ++r) {
-      w[r] = weights[pixel * kV + r];
-      row[r] = lattice + static_cast<int64_t>(entry_lattice[pixel * kV + r]) * k;
+    scalar_t w[D + 1];
+    const scalar_t* row[D + 1];
+    for (int r = 0; r <= D; ++r) {
+      w[r] = weights[pixel * (D + 1) + r];
+      row[r] = lattice + static_cast<int64_t>(entry_lattice[pixel * (D + 1) + r]) * k;
     }
     for (int64_t c = 0; c < k; ++c) {
       scalar_t acc = 0;
-      for (int r = 0; r < kV; ++r) acc += w[r] * row[r][c];
-      out[c * n + pixel] = alpha * acc;
+      for (int r = 0; r <= D; ++r) acc += w[r] * row[r][c];
+      out[c * cs + pixel * ps] = alpha * acc;
     }
   }
 };

@@ -9,6 +9,9 @@
 //   on contiguous memory (the compiler vectorises them) while S stays (K, N);
 // - a thread-local workspace that keeps its pages between calls (a page fault costs about as much here as the
 //   arithmetic on the page).
+// The build (build_image_whole: features -> barycentric weights, entry-to-point map, blur neighbours) and the
+// application (apply_image_whole: splat / blur / slice of K channels) are separate, so that a lattice built once
+// can be applied many times (the ops lattice_build / lattice_apply, the dense CRF); filter_image_whole is the two.
 // Its results equal the parallel schedule's bitwise: every lattice point adds its contributions in pixel order,
 // and the slice adds the d+1 rows in vertex order, as SplatGatherKernel and SliceKernel do.
 #pragma once
@@ -69,31 +72,35 @@ inline bool profile_stages() {
 namespace serial {
 
 // ---------------------------------------------------------------------------- packed keys
-// All kD coordinates of a lattice point are congruent to one remainder r (mod kV): key[j] = kV q_j + r. A key is
-// packed as r in bits 0-2 and q_j + kBias in 12 bits each (bits 3-62). Moving to a vertex or a neighbour changes
-// every q_j by at most 2, so |q_j| <= kMaxQ keeps every field inside its 12 bits: |rem0| <= kV kMaxQ, i.e.
-// features up to ~1380 (MAX_FEATURE = 1300 in locbe/lattice/checks.py). Larger inputs raise.
+// All D coordinates of a lattice point are congruent to one remainder r (mod D+1): key[j] = (D+1) q_j + r. A key
+// is packed as r in bits 0-2 and q_j + kBias in 12 bits each (bits 3-62 at D = 5). Moving to a vertex or a
+// neighbour changes every q_j by at most 2, so |q_j| <= kMaxQ keeps every field inside its 12 bits:
+// |rem0| <= (D+1) kMaxQ, i.e. features up to ~1380 at D = 5 (MAX_FEATURE = 1300 in locbe/lattice/checks.py).
+// Larger inputs raise.
 constexpr int kBits = 12;
 constexpr int64_t kBias = int64_t{1} << (kBits - 1);
 constexpr int kMaxQ = kBias - 3;
 constexpr uint64_t field(int j) { return uint64_t{1} << (3 + kBits * j); }
+template <int D>
 constexpr uint64_t all_fields() {
   uint64_t s = 0;
-  for (int j = 0; j < kD; ++j) s += field(j);
+  for (int j = 0; j < D; ++j) s += field(j);
   return s;
 }
-constexpr uint64_t kAllFields = all_fields();
 constexpr uint64_t kNoKey = ~uint64_t{0};
+static_assert(3 + kBits * kMaxD <= 64, "packed keys: D fields of kBits and 3 bits of remainder");
 
 // The left and right neighbours of point p along lattice axis `axis` (the key data of NeighbourKernel: every
-// coordinate -1, the axis's +kD; and the opposite), on packed keys.
+// coordinate -1, the axis's +D; and the opposite), on packed keys.
+template <int D>
 inline uint64_t left_neighbour(uint64_t p, int axis) {
-  const uint64_t ua = axis < kD ? field(axis) : 0;
-  return (p & 7) >= 1 ? p - 1 + ua : p + kD - (kAllFields - ua);
+  const uint64_t ua = axis < D ? field(axis) : 0;
+  return (p & 7) >= 1 ? p - 1 + ua : p + D - (all_fields<D>() - ua);
 }
+template <int D>
 inline uint64_t right_neighbour(uint64_t p, int axis) {
-  const uint64_t ua = axis < kD ? field(axis) : 0;
-  return (p & 7) <= kD - 1 ? p + 1 - ua : p - kD + (kAllFields - ua);
+  const uint64_t ua = axis < D ? field(axis) : 0;
+  return (p & 7) <= D - 1 ? p + 1 - ua : p - D + (all_fields<D>() - ua);
 }
 
 // ---------------------------------------------------------------------------- workspace
@@ -187,60 +194,57 @@ class PointTable {
 };
 
 // ---------------------------------------------------------------------------- 1+2. elevate and insert
-// Returns false if a feature is not finite or too large for packed keys.
-template <typename scalar_t>
-bool build_lattice(const float* img, int64_t h, int64_t w, float inv_sxy, float inv_srgb, PointTable& table,
-                   scalar_t* weights, int32_t* entries) {
-  const int64_t n = h * w;
+// Returns false if a feature is not finite or too large for packed keys. Pixels in order (the features of pixel i
+// are feat(i, f)); consecutive pixels of an image row often share their simplex.
+template <int D, typename scalar_t, class Features>
+bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t* weights, int32_t* entries) {
+  constexpr int V = D + 1;
   bool ok = true;
-  int prev_rem0[kD] = {0}, prev_ranks = -1;
-  uint64_t prev_key[kV];
-  int32_t prev_index[kV] = {0};
-  std::fill(prev_key, prev_key + kV, kNoKey);
-  for (int64_t y = 0; y < h; ++y) {
-    for (int64_t x = 0; x < w; ++x) {
-      const int64_t i = y * w + x;
-      float f[kD] = {static_cast<float>(x) * inv_sxy, static_cast<float>(y) * inv_sxy, img[i] * inv_srgb,
-                     img[n + i] * inv_srgb, img[2 * n + i] * inv_srgb};
-      for (int j = 0; j < kD; ++j) {
-        const bool finite = std::fabs(f[j]) <= 1e6f;  // false for NaN: the int conversions below stay defined
-        ok = ok && finite;
-        if (!finite) f[j] = 0.0f;
-      }
-      int rem0[kV], rank[kV];
-      float bary[kV];
-      elevate_point(f, rem0, rank, bary);
-      for (int r = 0; r < kV; ++r) weights[i * kV + r] = static_cast<scalar_t>(bary[r]);
+  int prev_rem0[D] = {0}, prev_ranks = -1;
+  uint64_t prev_key[V];
+  int32_t prev_index[V] = {0};
+  std::fill(prev_key, prev_key + V, kNoKey);
+  for (int64_t i = 0; i < n; ++i) {
+    float f[D];
+    feat(i, f);
+    for (int j = 0; j < D; ++j) {
+      const bool finite = std::fabs(f[j]) <= 1e6f;  // false for NaN: the int conversions below stay defined
+      ok = ok && finite;
+      if (!finite) f[j] = 0.0f;
+    }
+    int rem0[V], rank[V];
+    float bary[V];
+    elevate_point<D>(f, rem0, rank, bary);
+    for (int r = 0; r < V; ++r) weights[i * V + r] = static_cast<scalar_t>(bary[r]);
 
-      int ranks = 0;
-      bool same = true;
-      for (int j = 0; j < kD; ++j) {
-        ranks |= rank[j] << (3 * j);
-        same = same && rem0[j] == prev_rem0[j];
+    int ranks = 0;
+    bool same = true;
+    for (int j = 0; j < D; ++j) {
+      ranks |= rank[j] << (3 * j);
+      same = same && rem0[j] == prev_rem0[j];
+    }
+    int32_t* out = entries + i * V;
+    if (same && ranks == prev_ranks) {  // the previous pixel's simplex: its lattice points
+      for (int r = 0; r < V; ++r) out[r] = prev_index[r];
+      continue;
+    }
+    // vertex 0 is rem0; vertex r adds r to every coordinate and subtracts V from those of rank > D - r
+    uint64_t key = 0, drop[V] = {0};
+    for (int j = 0; j < D; ++j) {
+      ok = ok && std::abs(rem0[j]) <= V * kMaxQ;
+      key += static_cast<uint64_t>(rem0[j] / V + kBias) * field(j);
+      drop[rank[j]] = field(j);
+      prev_rem0[j] = rem0[j];
+    }
+    prev_ranks = ranks;
+    if (!ok) key = 0;  // out-of-range fields would carry into each other; the caller raises
+    for (int r = 0; r < V; ++r) {
+      if (r > 0) key = key + 1 - drop[D - r + 1];
+      if (key != prev_key[r]) {  // the same vertex of the previous pixel is often the same point
+        prev_key[r] = key;
+        prev_index[r] = table.find_or_add(key);
       }
-      int32_t* out = entries + i * kV;
-      if (same && ranks == prev_ranks) {  // the previous pixel's simplex: its lattice points
-        for (int r = 0; r < kV; ++r) out[r] = prev_index[r];
-        continue;
-      }
-      // vertex 0 is rem0; vertex r adds r to every coordinate and subtracts kV from those of rank > kD - r
-      uint64_t key = 0, drop[kV] = {0};
-      for (int j = 0; j < kD; ++j) {
-        ok = ok && std::abs(rem0[j]) <= kV * kMaxQ;
-        key += static_cast<uint64_t>(rem0[j] / kV + kBias) * field(j);
-        drop[rank[j]] = field(j);
-        prev_rem0[j] = rem0[j];
-      }
-      prev_ranks = ranks;
-      if (!ok) key = 0;  // out-of-range fields would carry into each other; the caller raises
-      for (int r = 0; r < kV; ++r) {
-        if (r > 0) key = key + 1 - drop[kD - r + 1];
-        if (key != prev_key[r]) {  // the same vertex of the previous pixel is often the same point
-          prev_key[r] = key;
-          prev_index[r] = table.find_or_add(key);
-        }
-        out[r] = prev_index[r];
-      }
+      out[r] = prev_index[r];
     }
   }
   return ok;
@@ -251,7 +255,7 @@ bool build_lattice(const float* img, int64_t h, int64_t w, float inv_sxy, float 
 // its d+1 lattice rows. Every lattice point still receives its contributions in pixel order.
 constexpr int64_t kTile = 64;
 
-template <typename scalar_t>
+template <int V, typename scalar_t>
 void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weights,
            const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t* __restrict__ lattice,
            scalar_t* __restrict__ tile) {
@@ -264,9 +268,9 @@ void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weight
     for (int64_t p = 0; p < np; ++p) {
       const int64_t i = p0 + p;
       const scalar_t* v = tile + p * k;
-      for (int r = 0; r < kV; ++r) {
-        const scalar_t wr = weights[i * kV + r];
-        scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * kV + r]) * k;
+      for (int r = 0; r < V; ++r) {
+        const scalar_t wr = weights[i * V + r];
+        scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
         for (int64_t c = 0; c < k; ++c) row[c] += wr * v[c];
       }
     }
@@ -275,7 +279,7 @@ void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weight
 
 // ---------------------------------------------------------------------------- 6. slice
 // alpha x (sum over r, in vertex order, of w_r x lattice row), per tile, transposed back to (K, N).
-template <typename scalar_t>
+template <int V, typename scalar_t>
 void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
            const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t alpha, scalar_t* __restrict__ vout,
            scalar_t* __restrict__ tile) {
@@ -285,9 +289,9 @@ void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ we
       const int64_t i = p0 + p;
       scalar_t* __restrict__ acc = tile + p * k;
       for (int64_t c = 0; c < k; ++c) acc[c] = 0;
-      for (int r = 0; r < kV; ++r) {
-        const scalar_t wr = weights[i * kV + r];
-        const scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * kV + r]) * k;
+      for (int r = 0; r < V; ++r) {
+        const scalar_t wr = weights[i * V + r];
+        const scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
         for (int64_t c = 0; c < k; ++c) acc[c] += wr * row[c];
       }
       for (int64_t c = 0; c < k; ++c) acc[c] = alpha * acc[c];
@@ -299,6 +303,38 @@ void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ we
   }
 }
 
+// The same splat and slice on pixel-major values: pixel i's K values are the row vin + i * ld (no transposition).
+// Every lattice point receives its contributions in pixel order, and the slice adds the rows in vertex order, so
+// results equal splat / slice's bitwise.
+template <int V, typename scalar_t>
+void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const scalar_t* __restrict__ weights,
+                const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t* __restrict__ lattice) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* v = vin + i * ld;
+    for (int r = 0; r < V; ++r) {
+      const scalar_t wr = weights[i * V + r];
+      scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
+      for (int64_t c = 0; c < k; ++c) row[c] += wr * v[c];
+    }
+  }
+}
+
+template <int V, typename scalar_t>
+void slice_rows(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+                const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t alpha, scalar_t* __restrict__ vout,
+                int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t* __restrict__ acc = vout + i * ld;
+    for (int64_t c = 0; c < k; ++c) acc[c] = 0;
+    for (int r = 0; r < V; ++r) {
+      const scalar_t wr = weights[i * V + r];
+      const scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
+      for (int64_t c = 0; c < k; ++c) acc[c] += wr * row[c];
+    }
+    for (int64_t c = 0; c < k; ++c) acc[c] = alpha * acc[c];
+  }
+}
+
 template <typename scalar_t>
 bool all_finite(const scalar_t* v, int64_t count) {
   bool ok = true;
@@ -306,9 +342,82 @@ bool all_finite(const scalar_t* v, int64_t count) {
   return ok;
 }
 
+
+// ---------------------------------------------------------------------------- build and apply of one image
+// One image's lattice on the calling thread: weights and entries (N x (D+1)) written by the caller's pointers, the
+// blur neighbours ((D+1) x M x 2, missing = M) left in the workspace (ws.neighbours); returns M.
+template <int D, typename scalar_t, class Features>
+int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, int32_t* entries, Workspace& ws,
+                          StageClock& clock) {
+  constexpr int V = D + 1;
+  PointTable table(ws, std::max<int64_t>(ws.last_capacity, 4096));
+  const bool ok = build_lattice<D>(feat, n, table, weights, entries);
+  TORCH_CHECK_VALUE(ok, "lattice_filter: image features must be finite and at most ~1300 in absolute value "
+                    "(pixel / sigma_rgb, position / sigma_xy); increase sigma_xy/sigma_rgb");
+  ws.last_capacity = table.capacity();
+  const int64_t m = table.size();
+  clock.mark("elevate+insert");
+
+  int32_t* neighbours = Workspace::take<int32_t>(ws.neighbours, V * m * 2);
+  const uint64_t* points = table.points();
+  for (int axis = 0; axis < V; ++axis) {
+    int32_t* nb = neighbours + static_cast<int64_t>(axis) * m * 2;
+    for (int64_t l = 0; l < m; ++l) {
+      const int32_t a = table.find(left_neighbour<D>(points[l], axis));
+      const int32_t b = table.find(right_neighbour<D>(points[l], axis));
+      nb[2 * l] = a < 0 ? static_cast<int32_t>(m) : a;
+      nb[2 * l + 1] = b < 0 ? static_cast<int32_t>(m) : b;
+    }
+  }
+  clock.mark("neighbours");
+  if (clock.on) clock.len += std::snprintf(clock.buf + clock.len, sizeof(clock.buf) - clock.len, " | M %lld, table %lld",
+                                           static_cast<long long>(m), static_cast<long long>(table.capacity()));
+  return m;
+}
+
+// W (or W^T with `reverse`) applied to K channels of one image on the calling thread: values (K, N) -> out (K, N),
+// or, with `ld` > 0, pixel-major values and out (pixel i's K channels at i * ld, ld >= K).
+// The lattice value buffers use the workspace's `shared` buffer (the hash table's, after a build).
+template <int D, typename scalar_t>
+void apply_image_whole(const scalar_t* weights, const int32_t* entries, const int32_t* neighbours, int64_t m,
+                       int64_t n, const scalar_t* vin, scalar_t* vout, int64_t k, bool reverse, Workspace& ws,
+                       StageClock& clock, int64_t buffer_share = 2, int64_t ld = 0) {
+  const int64_t cs = ld > 0 ? 1 : n;  // channel stride
+  constexpr int V = D + 1;
+  // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed the image's share of
+  // S (K x N) divided by `buffer_share`: the lattice can have more points than the image has pixels. The loss
+  // keeps them within half its share (2); the CRF's applications (lattice_apply) take its whole share (1), so
+  // that its d = 2 lattice (more points than pixels) needs fewer passes over the pixels.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (2 * buffer_share * (m + 1))));
+  const scalar_t alpha = static_cast<scalar_t>(1.0 / (1.0 + std::pow(2.0, -D)));
+  scalar_t* tile = Workspace::take<scalar_t>(ws.tile, kTile * chunk);
+  scalar_t* lattice = Workspace::take<scalar_t>(ws.shared, 2 * (m + 1) * chunk);
+  scalar_t* other = lattice + (m + 1) * chunk;
+  for (int64_t c0 = 0; c0 < k; c0 += chunk) {
+    const int64_t kc = std::min(chunk, k - c0);
+    std::fill(lattice, lattice + (m + 1) * kc, scalar_t(0));
+    if (ld > 0) splat_rows<V>(vin + c0 * cs, ld, weights, entries, n, kc, lattice);
+    else splat<V>(vin + c0 * cs, weights, entries, n, kc, lattice, tile);
+    // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
+    TORCH_CHECK_VALUE(all_finite(lattice, m * kc), "lattice_filter: values must be finite (found NaN or inf)");
+    clock.mark("splat");
+    std::fill(other + m * kc, other + (m + 1) * kc, scalar_t(0));  // row M: the missing neighbour
+    for (int step = 0; step < V; ++step) {
+      const int j = reverse ? D - step : step;  // reversed axis order = the exact transpose of W
+      const BlurKernel<scalar_t> blur{lattice, other, neighbours + static_cast<int64_t>(j) * m * 2, kc};
+      for (int64_t l = 0; l < m; ++l) blur(l);
+      std::swap(lattice, other);
+    }
+    clock.mark("blur");
+    if (ld > 0) slice_rows<V>(lattice, weights, entries, n, kc, alpha, vout + c0 * cs, ld);
+    else slice<V>(lattice, weights, entries, n, kc, alpha, vout + c0 * cs, tile);
+    clock.mark("slice");
+  }
+}
+
 }  // namespace serial
 
-// One image on the calling thread: image (3, N) float32, values (K, N), out (K, N).
+// One image on the calling thread (the regularized loss's filter): image (3, N) float32, values (K, N), out (K, N).
 template <typename scalar_t>
 void filter_image_whole(const float* img, const scalar_t* vin, scalar_t* vout, int64_t k, int64_t h, int64_t w,
                         double sigma_xy, double sigma_rgb, bool reverse) {
@@ -318,56 +427,10 @@ void filter_image_whole(const float* img, const scalar_t* vin, scalar_t* vout, i
   Workspace& ws = workspace();
   scalar_t* weights = Workspace::take<scalar_t>(ws.weights, n * kV);
   int32_t* entries = Workspace::take<int32_t>(ws.entries, n * kV);
-  PointTable table(ws, std::max<int64_t>(ws.last_capacity, 4096));
-  const bool ok = build_lattice(img, h, w, static_cast<float>(1.0 / sigma_xy), static_cast<float>(1.0 / sigma_rgb),
-                                table, weights, entries);
-  TORCH_CHECK_VALUE(ok, "lattice_filter: image features must be finite and at most ~1300 in absolute value "
-                    "(pixel / sigma_rgb, position / sigma_xy); increase sigma_xy/sigma_rgb");
-  ws.last_capacity = table.capacity();
-  const int64_t m = table.size();
-  clock.mark("elevate+insert");
-
-  int32_t* neighbours = Workspace::take<int32_t>(ws.neighbours, kV * m * 2);
-  const uint64_t* points = table.points();
-  for (int axis = 0; axis < kV; ++axis) {
-    int32_t* nb = neighbours + static_cast<int64_t>(axis) * m * 2;
-    for (int64_t l = 0; l < m; ++l) {
-      const int32_t a = table.find(left_neighbour(points[l], axis)), b = table.find(right_neighbour(points[l], axis));
-      nb[2 * l] = a < 0 ? static_cast<int32_t>(m) : a;
-      nb[2 * l + 1] = b < 0 ? static_cast<int32_t>(m) : b;
-    }
-  }
-  clock.mark("neighbours");
-
-  // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed half the image's
-  // share of S (K x N): the lattice can have more points than the image has pixels. They take the hash table's
-  // place (not needed any more).
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (4 * (m + 1))));
-  const scalar_t alpha = static_cast<scalar_t>(1.0 / (1.0 + std::pow(2.0, -kD)));
-  scalar_t* tile = Workspace::take<scalar_t>(ws.tile, kTile * chunk);
-  scalar_t* lattice = Workspace::take<scalar_t>(ws.shared, 2 * (m + 1) * chunk);
-  scalar_t* other = lattice + (m + 1) * chunk;
-  for (int64_t c0 = 0; c0 < k; c0 += chunk) {
-    const int64_t kc = std::min(chunk, k - c0);
-    std::fill(lattice, lattice + (m + 1) * kc, scalar_t(0));
-    splat(vin + c0 * n, weights, entries, n, kc, lattice, tile);
-    // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
-    TORCH_CHECK_VALUE(all_finite(lattice, m * kc), "lattice_filter: values must be finite (found NaN or inf)");
-    clock.mark("splat");
-    std::fill(other + m * kc, other + (m + 1) * kc, scalar_t(0));  // row M: the missing neighbour
-    for (int step = 0; step <= kD; ++step) {
-      const int j = reverse ? kD - step : step;  // reversed axis order = the exact transpose of W
-      const BlurKernel<scalar_t> blur{lattice, other, neighbours + static_cast<int64_t>(j) * m * 2, kc};
-      for (int64_t l = 0; l < m; ++l) blur(l);
-      std::swap(lattice, other);
-    }
-    clock.mark("blur");
-    slice(lattice, weights, entries, n, kc, alpha, vout + c0 * n, tile);
-    clock.mark("slice");
-  }
-  if (clock.on) clock.len += std::snprintf(clock.buf + clock.len, sizeof(clock.buf) - clock.len,
-                                            " | M %lld, table %lld", static_cast<long long>(m),
-                                            static_cast<long long>(table.capacity()));
+  const ImageFeatures feat{img, n, w, static_cast<float>(1.0 / sigma_xy), static_cast<float>(1.0 / sigma_rgb)};
+  const int64_t m = build_image_whole<kD>(feat, n, weights, entries, ws, clock);
+  apply_image_whole<kD>(weights, entries, Workspace::take<int32_t>(ws.neighbours, kV * m * 2), m, n, vin, vout, k,
+                        reverse, ws, clock);
 }
 
 }  // namespace locbe

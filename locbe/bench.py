@@ -19,7 +19,7 @@ from pathlib import Path
 from locbe.runtime.fileio import atomic_write_text
 
 SUITES = {"regloss": "test_bench_regloss.py", "par": "test_bench_par.py", "step": "test_bench_step.py",
-          "cores": "test_bench_cores.py"}
+          "cores": "test_bench_cores.py", "crf": "test_bench_crf.py"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -135,7 +135,10 @@ def table(current: dict[str, dict], previous: dict[str, dict] | None) -> str:
                     "peak_vs_plain", "loss_rel_diff_vs_plain", "max_rel_err", "locbe_busy_over_quiet",
                     "passive_busy_over_quiet", "default_busy_over_quiet", "quiet_locbe_over_default",
                     "quiet_passive_over_default", "locbe_op_busy_over_quiet", "passive_op_busy_over_quiet",
-                    "default_op_busy_over_quiet", "neighbour_arrives_later_busy_over_quiet"):
+                    "default_op_busy_over_quiet", "neighbour_arrives_later_busy_over_quiet", "lattice_s",
+                    "pydensecrf_s", "speedup", "lattice_1thread_s", "speedup_1thread", "pair_speedup_min",
+                    "pair_speedup_max", "lattice_peak_mb",
+                    "pydensecrf_peak_mb", "label_agreement", "gpu_ms_per_image", "load_before", "load_after"):
             if key in r:
                 row[key] = r[key]
         if previous and name in previous:

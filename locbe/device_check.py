@@ -4,8 +4,8 @@ On a machine with a CUDA device, within about 8 minutes on one H100-class GPU:
 
 1. builds the CUDA regularized-loss op for sm_80 / sm_90 + PTX (``TORCH_CUDA_ARCH_LIST``), and loads it;
 2. runs every ``cuda``-marked test (``pytest -m cuda``);
-3. runs the CUDA cases of the regloss, PAR and step benchmarks (few rounds; the step suite compares the
-   authors' layout, plain and fast);
+3. runs the CUDA cases of the regloss, PAR, step and CRF benchmarks (few rounds; the step suite compares the
+   authors' layout, plain and fast; the CRF suite gives GPU ms per image at 500x375 K=21 and 640x480 K=81);
 4. trains the micro ViT on the synthetic set on the GPU for about 2 minutes (the smoke schedule shrunk to
    the steps that fit, every phase kept) and evaluates it there (single scale, multi-scale + CRF, CAM);
 5. writes ``reports/device/<UTC time>/device_check.json`` and ``summary.md``: GPU name, driver, torch and
@@ -39,7 +39,7 @@ BUDGET_S = 480  # the whole check
 LIMITS = {"build": 170, "cuda_tests": 100, "benchmarks": 140}
 SMOKE_TRAIN_S = 120
 SMOKE_LIMIT_S = 260
-BENCH_SUITES = ("regloss", "par", "step")
+BENCH_SUITES = ("regloss", "par", "step", "crf")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -123,7 +123,7 @@ def parse_junit(path: Path) -> dict:
 
 BENCH_KEYS = ("images_per_s", "peak_mb", "speedup_vs_plain", "speedup_cam_bf16_vs_plain", "plain_vs_authors",
               "fast_vs_authors", "reg_loss_share", "authors_median_s", "plain_median_s", "fast_median_s",
-              "fast_cam_bf16_median_s", "max_rel_err", "peak_vs_plain")
+              "fast_cam_bf16_median_s", "max_rel_err", "peak_vs_plain", "gpu_ms_per_image", "label_agreement")
 
 
 def bench_figures(path: Path) -> list[dict]:

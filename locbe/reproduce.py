@@ -73,11 +73,13 @@ def _stage_eval(checkpoint: Path, cfg: TrainConfig, split: str, key: str, progre
     from locbe.runtime.ranks import current_ranks
 
     out = checkpoint.parent.parent / "eval" / f"{key}.json"
+    if opts.get("crf"):
+        opts.setdefault("crf_backend", _EVAL_CAPS.get("crf_backend") or "lattice")
     # tensors mapped to the meta device: only the step is read, not the weights and optimiser state
     step = int(torch.load(checkpoint, map_location="meta", weights_only=True, mmap=True)["step"])
     if out.exists():
         cached = json.loads(out.read_text())
-        if cached.get("checkpoint_step") == step:
+        if cached.get("checkpoint_step") == step and cached.get("crf_backend") == opts.get("crf_backend"):
             print(f"[eval] {out} exists: skipped")
             return cached
     device = resolve_device(cfg.device)
@@ -247,7 +249,8 @@ def _evaluated_note(rec: dict, seg_metric: str, cam_metric: str) -> str:
     ms = rec["metrics"].get("seg mIoU (MS+CRF)", seg)
     return (f"Evaluated: seg on `{seg['split']}` ({seg['num_images']} images), CAM on `{cam['split']}` "
             f"({cam['num_images']} images); protocol `{ms['protocol']}`; device {ms.get('device')} x "
-            f"{ms.get('world_size', 1)} process(es); autocast {ms.get('autocast', 'off')}")
+            f"{ms.get('world_size', 1)} process(es); autocast {ms.get('autocast', 'off')}"
+            + (f"; CRF backend `{ms['crf_backend']}`" if ms.get("crf_backend") else ""))
 
 
 def _raise_failed(records: list[dict], tables: Path) -> None:
@@ -478,6 +481,7 @@ def _reported(method: str, dataset: str, key: str, protocol, split: str):
 
 
 def add_arguments(p, argv=()) -> None:
+    from locbe.eval.cli import CRF_BACKENDS
     from locbe.training.cli import preset_from_argv
 
     cfg = get_preset(preset_from_argv(argv, DEFAULT_PRESET))
@@ -506,6 +510,9 @@ def add_arguments(p, argv=()) -> None:
                    help=f"every stage runs here (preset {cfg.preset}: {cfg.device}; auto = cuda when available)")
     p.add_argument("--eval-amp", choices=["off", "bf16", "fp16"], default="off",
                    help="autocast for the evaluation passes (the table says which)")
+    p.add_argument("--crf-backend", choices=CRF_BACKENDS, default=CRF_BACKENDS[0],
+                   help="the MS+CRF evaluation's CRF: 'lattice' (locbe's, on the run's device) or 'pydensecrf' "
+                        "(the authors' library); the tables say which ran")
     p.add_argument("--eval-split", help="split of the final seg evaluation (default: val, the full list)")
     p.add_argument("--max-steps", type=int, help="rehearsal: cap the training steps (the schedule shrinks with it)")
     p.add_argument("--max-images", type=int, help="rehearsal: cap the images of every evaluation")
@@ -537,7 +544,7 @@ def run(args) -> int:
         require_tensorboard()  # before the data are made or checked
     _EVAL_CAPS.clear()
     _EVAL_CAPS.update(amp=None if args.eval_amp == "off" else args.eval_amp, split=args.eval_split,
-                      max_images=args.max_images)
+                      max_images=args.max_images, crf_backend=args.crf_backend)
     if args.max_steps is not None or args.max_images is not None:
         _EVAL_CAPS["rehearsal"] = (f"{cfg.max_steps} steps, at most {args.max_images or 'all'} images per "
                                    f"evaluation, backbone {cfg.backbone}")

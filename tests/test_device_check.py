@@ -128,7 +128,8 @@ def test_orchestration_blind(tmp_path, monkeypatch, capsys):
         calls.clear()
         rc = dc.run(SimpleNamespace(out=str(tmp_path / str(fail_at)), skip=[]))
         assert rc == want
-        assert [c[0] for c in calls] == ["build", "cuda_tests", "bench_regloss", "bench_par", "bench_step", "smoke"]
+        assert [c[0] for c in calls] == ["build", "cuda_tests", "bench_regloss", "bench_par", "bench_step",
+                                         "bench_crf", "smoke"]
         build_env = calls[0][2]
         assert build_env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX" and "cuda=True" in calls[0][1][-1]
         assert ["-m", "cuda"] == calls[1][1][3:5]

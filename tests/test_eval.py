@@ -313,12 +313,25 @@ def tiny_val(tmp_path_factory):
     return root, build_dataset("synthetic", root, "val", train=False)
 
 
-def test_evaluate_multiscale_crf_matches_reference(tiny_val):
+@pytest.mark.parametrize("backend", ["pydensecrf", "lattice"])
+def test_evaluate_multiscale_crf_matches_reference(tiny_val, backend, tmp_path):
+    from locbe.eval.crf import dense_crf_lattice
+
+    def crf(image, probs):
+        if backend == "pydensecrf":
+            return dense_crf(image, probs)
+        return dense_crf_lattice(torch.from_numpy(image)[None], torch.from_numpy(probs)[None])[0].numpy()
+
     _, ds = tiny_val
     model = StubSeg(num_classes=21, seed=1)
-    opts = EvalOptions(multi_scale=True, crf=True, workers=1, progress=False, max_images=4)
+    opts = EvalOptions(multi_scale=True, crf=True, crf_backend=backend, workers=1, progress=False, max_images=4,
+                       save_predictions=tmp_path / "pred")
     res = evaluate(model, ds, 21, opts)
     assert res["num_images"] == 4 and res["scales"] == list(MS_SCALES) and res["flip"] is True
+    assert res["crf_backend"] == backend
+    # the seg and CRF label maps, named so that one sees which is which
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(
+        [f"{n}.png" for n in ds.names[:4]] + [f"{n}.crf-{backend}.png" for n in ds.names[:4]])
     seg_pairs, crf_pairs = [], []
     for i in range(4):
         item = ds[i]
@@ -328,7 +341,10 @@ def test_evaluate_multiscale_crf_matches_reference(tiny_val):
         assert logits.shape[-2:] == gt.shape
         seg_pairs.append((logits.argmax(1)[0].numpy(), gt))
         probs = torch.softmax(logits[0], 0).numpy()
-        crf_pairs.append((dense_crf(to_uint8_image(image), probs).argmax(0), gt))
+        crf_labels = crf(to_uint8_image(image), probs).argmax(0)
+        crf_pairs.append((crf_labels, gt))
+        saved = np.array(Image.open(tmp_path / "pred" / f"{item['name']}.crf-{backend}.png"))
+        np.testing.assert_array_equal(saved, crf_labels)
     assert_metrics_equal(res["seg"], loop_metrics(seg_pairs, 21))
     assert_metrics_equal(res["seg_crf"], loop_metrics(crf_pairs, 21))
 

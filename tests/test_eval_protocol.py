@@ -258,7 +258,7 @@ def test_crf_process_pool_gives_the_inline_result(tiny, tmp_path):
     """CRF jobs handed to a pool of 2 processes (bounded window, records written as they return) give the
     inline CRF's matrices."""
     model = StubSeg(num_classes=21, seed=9)
-    opts = dict(multi_scale=True, crf=True, progress=False, max_images=5)
+    opts = dict(multi_scale=True, crf=True, crf_backend="pydensecrf", progress=False, max_images=5)
     inline = evaluate(model, tiny, 21, EvalOptions(**opts, workers=1))
     pooled = evaluate(model, tiny, 21, EvalOptions(**opts, workers=2, resume_dir=tmp_path / "p"))
     for key in ("seg", "seg_crf"):

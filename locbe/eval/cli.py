@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+CRF_BACKENDS = ("lattice", "pydensecrf")  # = locbe.eval.crf.BACKENDS (that module imports numpy); default first
 CRF_WORKERS = None  # EvalOptions.workers: None = the CPU cores shared among this node's torchrun ranks
 
 
@@ -19,7 +20,11 @@ def add_arguments(p) -> None:
     p.add_argument("--num-classes", type=int, help="21 VOC, 81 COCO (read from our checkpoints)")
     p.add_argument("--multi-scale", action="store_true",
                    help="the dataset protocol's scales x flip (locbe/eval/protocol.py)")
-    p.add_argument("--crf", action="store_true", help="dense CRF post-processing (pydensecrf)")
+    p.add_argument("--crf", action="store_true", help="dense CRF post-processing (backend: --crf-backend)")
+    p.add_argument("--crf-backend", choices=CRF_BACKENDS, default=CRF_BACKENDS[0],
+                   help="with --crf: 'lattice' (locbe's lattice on the model's device, the default) or 'pydensecrf' "
+                        "(the authors' library, --workers processes); both compute pydensecrf's CRF "
+                        "(docs/fidelity.md gives their agreement)")
     p.add_argument("--cam", action="store_true", help="also CAM and PAR pseudo-label mIoU")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (default: all)")
     p.add_argument("--protocol", choices=["voc", "coco", "smoke"], help="evaluation protocol (default: the dataset's)")
@@ -28,7 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, help="images per forward where shapes allow (default: 1 CPU, 8 CUDA)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                    help="autocast for the network passes (recorded in the metrics)")
-    p.add_argument("--save-predictions", type=Path, help="write palette PNGs here")
+    p.add_argument("--save-predictions", type=Path, help="write palette PNGs here: <name>.png the seg prediction, "
+                   "<name>.crf-<backend>.png the CRF's (with --crf)")
     p.add_argument("--save-logits", action="store_true", help="with --save-predictions: also fp16 .npy logits")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
     p.add_argument("--out", type=Path, help="metrics.json goes here (default: next to the checkpoint)")

@@ -71,6 +71,7 @@ class EvalOptions:
     split: str = "val"
     multi_scale: bool = False
     crf: bool = False
+    crf_backend: str = "lattice"  # locbe.eval.crf.BACKENDS: "lattice" (on ``device``) or "pydensecrf" (processes)
     cam: bool = False
     max_images: int | None = None
     workers: int | None = None  # CRF processes; None: the CPU cores shared among this node's ranks
@@ -105,7 +106,7 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     from collections import deque
 
     from locbe.data import voc_palette
-    from locbe.eval.crf import CRFParams, crf_job
+    from locbe.eval.crf import BACKENDS, CRFParams, crf_job, crf_labels_lattice
     from locbe.eval.sharded import (
         RecordStore,
         add_sparse,
@@ -117,6 +118,9 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     from locbe.runtime.ranks import current_ranks
 
     device = torch.device(device)
+    if opts.crf and opts.crf_backend not in BACKENDS:
+        raise ValueError(f"crf_backend must be one of {BACKENDS}, got {opts.crf_backend!r}")
+    lattice_crf = opts.crf and opts.crf_backend == "lattice"
     model.eval()
     protocol = get_protocol(opts.protocol)
     shard = current_ranks()
@@ -128,6 +132,8 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     meta = {"tag": opts.tag, "split": opts.split, "num_images": n, "names": fingerprint_names(names, n),
             "multi_scale": opts.multi_scale, "crf": opts.crf, "cam": opts.cam, "amp": opts.amp,
             "protocol": protocol.to_dict(), "num_classes": num_classes}
+    if opts.crf:
+        meta["crf_backend"] = opts.crf_backend
     store = RecordStore(Path(opts.resume_dir) if opts.resume_dir else None, shard, meta)
     mine = [c for c in my_chunks(n, batch_size, shard)]
     my_count = sum(len(c) for c in mine)
@@ -139,7 +145,7 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
         par = PAR().to(device)
     workers = crf_workers(opts.workers, shard)
     pool = None
-    if opts.crf and workers > 1 and done_mine < my_count:
+    if opts.crf and not lattice_crf and workers > 1 and done_mine < my_count:
         from multiprocessing import get_context
 
         pool = get_context("spawn").Pool(workers)
@@ -152,6 +158,9 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     def finish(record, crf_labels, gt):
         if crf_labels is not None:
             record["seg_crf"] = sparse_confusion(torch.from_numpy(crf_labels.astype(np.int64)), gt, num_classes)
+            if opts.save_predictions:  # named by the backend that made them: <name>.crf-lattice.png
+                _save_palette(opts.save_predictions / f"{record['name']}.crf-{opts.crf_backend}.png", crf_labels,
+                              voc_palette())
         store.write(record)
         bar.update(1)
 
@@ -174,6 +183,7 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
                     sizes = [tuple(items[j]["mask"].shape) for j in group]
                     for j, c in zip(group, protocol_cams(model, images, sizes, protocol, amp=opts.amp)):
                         cams[j] = c
+            lattice_jobs: list = []  # (record, (image, probs), gt) of this chunk, for the lattice CRF
             for j, i in enumerate(todo):
                 item = items[j]
                 gt = item["mask"]
@@ -199,6 +209,10 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
                 if not opts.crf:
                     finish(record, None, gt)
                     continue
+                if lattice_crf:  # on the model's device, equally sized images of the chunk in one batch
+                    lattice_jobs.append((record, (torch.from_numpy(to_uint8_image(item["image"][None])),
+                                                  torch.softmax(lg[0].float(), 0)), gt))
+                    continue
                 job = (to_uint8_image(item["image"][None]), torch.softmax(lg[0], 0).cpu().numpy(), CRFParams())
                 if pool is None:
                     finish(record, crf_job(job), gt)
@@ -207,6 +221,10 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
                     while len(pending) >= 2 * workers:
                         rec, res, g = pending.popleft()
                         finish(rec, res.get(), g)
+            if lattice_jobs:
+                labels = crf_labels_lattice([job for _, job, _ in lattice_jobs], device, CRFParams())
+                for (rec, _, g), lab in zip(lattice_jobs, labels):
+                    finish(rec, lab, g)
         while pending:
             rec, res, g = pending.popleft()
             finish(rec, res.get(), g)
@@ -227,6 +245,8 @@ def evaluate(model, dataset, num_classes: int, opts: EvalOptions, device="cpu", 
     results = {"split": opts.split, "num_images": n, "protocol": protocol.name, "scales": list(scales),
                "flip": opts.multi_scale, "autocast": opts.amp or "off", "device": device.type,
                "world_size": shard.world_size}
+    if opts.crf:
+        results["crf_backend"] = opts.crf_backend
     for k in keys:
         cm = ConfusionMatrix(num_classes)
         cm.matrix = mats[k].view(num_classes, num_classes).clone()
@@ -304,11 +324,13 @@ def run(args) -> int:
     amp = None if args.amp == "off" else args.amp
     ck = Path(args.checkpoint).resolve()
     tag = f"{ck}:{ck.stat().st_size}:{ck.stat().st_mtime_ns}"
-    opts = EvalOptions(split=args.split, multi_scale=args.multi_scale, crf=args.crf, cam=args.cam,
+    opts = EvalOptions(split=args.split, multi_scale=args.multi_scale, crf=args.crf, crf_backend=args.crf_backend,
+                       cam=args.cam,
                        max_images=args.max_images, workers=args.workers, save_predictions=args.save_predictions,
                        save_logits=args.save_logits, protocol=args.protocol or args.dataset, amp=amp,
                        batch_size=args.batch_size, progress=not args.no_progress, tag=tag)
-    parts = out / f".eval-{args.split}-{fingerprint([tag, args.multi_scale, args.crf, args.cam, args.max_images])}"
+    crf_key = [args.crf, args.crf_backend] if args.crf else args.crf
+    parts = out / f".eval-{args.split}-{fingerprint([tag, args.multi_scale, crf_key, args.cam, args.max_images])}"
     if not args.no_resume:
         opts.resume_dir = parts
     results = evaluate(model, ds, model.num_classes, opts, device, cam_cfg=cam_cfg)
@@ -321,7 +343,8 @@ def run(args) -> int:
     names = VOC_CLASSES if model.num_classes == 21 else COCO_CLASSES if model.num_classes == 81 else \
         [str(i) for i in range(model.num_classes)]
     print(f"split {results['split']} ({results['num_images']} images), protocol {results['protocol']}, "
-          f"device {results['device']} x {results['world_size']} process(es), autocast {results['autocast']}")
+          f"device {results['device']} x {results['world_size']} process(es), autocast {results['autocast']}"
+          + (f", CRF backend {results['crf_backend']}" if "crf_backend" in results else ""))
     for key in ("seg", "seg_crf", "cam", "pseudo_label_par"):
         if key in results:
             print(f"{key:>18}: mIoU {100 * results[key]['miou']:.2f}  pixel acc {100 * results[key]['pixel_acc']:.2f}")

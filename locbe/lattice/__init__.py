@@ -6,7 +6,8 @@ It serves the regularized loss (locbe/method/regloss.py) and the evaluation's de
 either. May import: locbe.runtime and locbe.errors only. Everything is imported on first use, so that
 ``locbe build-ext --help`` does not import torch."""
 
-_HOMES = {"lattice_filter": "op", "ensure_loaded": "build", "load_extension": "build"}
+_HOMES = {"lattice_filter": "op", "Lattice": "op", "build_lattice": "op", "image_features": "reference",
+          "ensure_loaded": "build", "load_extension": "build"}
 __all__ = sorted(_HOMES)
 
 
