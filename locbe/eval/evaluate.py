@@ -287,27 +287,6 @@ def load_model_for_eval(checkpoint: str, backbone: str | None, num_classes: int 
 
 def run(args) -> int:
     """`locbe eval` (arguments: locbe/eval/cli.py)."""
-    out = args.out or Path(args.checkpoint).parent
-    run_dir = run_dir_of(out)
-    if run_dir is None:
-        return _run(args, out)
-    from locbe.runtime.runlock import run_dir_lock
-
-    # writing into a run directory: not while another locbe process uses it (torchrun: rank 0 holds the lock)
-    with run_dir_lock(run_dir, "locbe eval", take=int(os.environ.get("RANK", "0")) == 0):
-        return _run(args, out)
-
-
-def run_dir_of(out: Path) -> Path | None:
-    """The run directory that ``out`` is (or whose ``checkpoints/`` it is), or None when it is no run directory."""
-    out = Path(out)
-    for d in (out, out.parent):
-        if (d / "config.json").is_file() or (d / "checkpoints").is_dir():
-            return d
-    return None
-
-
-def _run(args, out: Path) -> int:
     from locbe.config import get_preset
     from locbe.data import COCO_CLASSES, VOC_CLASSES, build_dataset
     from locbe.data.voc import DATASET_CLASSES
@@ -321,6 +300,7 @@ def _run(args, out: Path) -> int:
                                         dataset_classes=DATASET_CLASSES[args.dataset])
     ds = build_dataset(args.dataset, args.data_root, args.split, train=False, num_classes=model.num_classes)
     cam_cfg = get_preset("coco" if args.dataset == "coco" else "voc")
+    out = args.out or Path(args.checkpoint).parent
     amp = None if args.amp == "off" else args.amp
     ck = Path(args.checkpoint).resolve()
     tag = f"{ck}:{ck.stat().st_size}:{ck.stat().st_mtime_ns}"
