@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from locbe.config import PRESETS, TrainConfig, apply_overrides, get_preset
@@ -45,7 +46,7 @@ def _stage_train(cfg: TrainConfig, progress: bool, force_new: bool = False) -> P
     print(f"[train] {'resuming' if resume else 'starting'} {cfg.preset} in {cfg.out_dir}")
     # the data were checked once for every stage (_check_data)
     return train(cfg, resume=resume, force_new=force_new, progress=progress, check_data=False,
-                 tensorboard=_TRAIN_OPTS.get("tensorboard", False)).checkpoint
+                 tensorboard=_TRAIN_OPTS.get("tensorboard", False), command="reproduce").checkpoint
 
 
 def _check_data(cfg: TrainConfig, eval_splits: list[str], progress: bool) -> None:
@@ -514,7 +515,9 @@ def add_arguments(p, argv=()) -> None:
                    help="the MS+CRF evaluation's CRF: 'lattice' (locbe's, on the run's device) or 'pydensecrf' "
                         "(the authors' library); the tables say which ran")
     p.add_argument("--eval-split", help="split of the final seg evaluation (default: val, the full list)")
-    p.add_argument("--max-steps", type=int, help="rehearsal: cap the training steps (the schedule shrinks with it)")
+    p.add_argument("--max-steps", type=int,
+                   help="rehearsal: cap the training steps (the schedule shrinks with it, as with "
+                        "`locbe train --max-steps`)")
     p.add_argument("--max-images", type=int, help="rehearsal: cap the images of every evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true",
@@ -530,10 +533,10 @@ def run(args) -> int:
         changes = {k: v for k, v in (("data_root", args.data_root), ("pretrained", args.pretrained),
                                      ("out_dir", args.out), ("device", args.device)) if v is not None}
         cfg = apply_overrides(dataclasses.replace(cfg, **changes), args.overrides)
-        if args.max_steps is not None:
-            from locbe.rehearsal import cap_schedule
+        if args.max_steps is not None:  # the same meaning as `locbe train --max-steps` (locbe.training.cli)
+            from locbe.training.cli import with_max_steps
 
-            cfg = cap_schedule(cfg, args.max_steps, args.max_images)
+            cfg = with_max_steps(cfg, args.max_steps, args.max_images)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     _TRAIN_OPTS.clear()
@@ -551,6 +554,14 @@ def run(args) -> int:
     from locbe.report.seeds import parse_seeds
 
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    # one process per run directory (locbe.runtime.runlock): held for every stage; torchrun: rank 0 holds it
+    from locbe.runtime.runlock import run_dir_lock
+
+    with run_dir_lock(cfg.out_dir, "locbe reproduce", take=int(os.environ.get("RANK", "0")) == 0):
+        return _run(args, cfg, seeds)
+
+
+def _run(args, cfg: TrainConfig, seeds: list[int] | None) -> int:
     progress = not args.no_progress
     reports = Path(args.reports) / cfg.preset if args.reports else Path(cfg.out_dir) / "report"
     if cfg.dataset != "synthetic":

@@ -36,7 +36,15 @@ from locbe.runtime.numerics import pinned_threads, pinned_warning
 from locbe.runtime.openmp import LateNeighbourWatch
 from locbe.runtime.ranks import RankInfo
 from locbe.training import rundir
-from locbe.training.checkpoint import environment_info, load_training_state, save_checkpoint
+from locbe.training.checkpoint import (
+    checkpoint_bytes,
+    disk_full,
+    environment_info,
+    load_training_state,
+    save_checkpoint,
+    space_needed,
+    warn_if_short_of_space,
+)
 from locbe.training.distributed import (
     any_rank,
     average_gradients,
@@ -63,28 +71,33 @@ class TrainResult:
     last_losses: dict[str, float]
 
 
-def train(cfg: TrainConfig, **kwargs) -> TrainResult:
-    """Train ``cfg`` into ``cfg.out_dir`` (keywords: ``_train``'s), with the CPU numerics the config asks for
-    (``cpu_numerics``: pinned runs use one intra-op thread for the run, locbe/runtime/numerics.py)."""
-    with pinned_threads(cfg.cpu_numerics):
-        return _train(cfg, **kwargs)
-
-
-def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
-           progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True,
-           tensorboard: bool = False) -> TrainResult:
-    """``max_steps_this_run`` stops early (tests, resumable chunks); ``check_data``: the fast data check
-    (locbe.data.check) of the splits the run reads, before anything is written; ``tensorboard``: the logged
-    scalars also as TensorBoard events in ``<out>/tensorboard/`` (optional extra). ``<out>/curves.png``
+def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None, force_new: bool = False,
+          progress: bool = True, max_steps_this_run: int | None = None, check_data: bool = True,
+          tensorboard: bool = False, command: str = "train") -> TrainResult:
+    """Train ``cfg`` into ``cfg.out_dir``. ``max_steps_this_run`` stops early (tests, resumable chunks);
+    ``check_data``: the fast data check (locbe.data.check) of the splits the run reads, before anything is written;
+    ``tensorboard``: the logged scalars also as TensorBoard events in ``<out>/tensorboard/`` (optional extra);
+    ``command``: the ``locbe`` command that runs it ("train" or "reproduce"), for the advice its messages give.
+    The run directory is locked for the run (one process per directory; rank 0 holds it); pinned CPU numerics
+    (``cpu_numerics``, locbe/runtime/numerics.py) use one intra-op thread for the run. ``<out>/curves.png``
     (locbe.report.curves) is redrawn from the log at each checkpoint and at the end."""
-    from locbe.method.step import step_generator, training_step
-    from locbe.report.curves import try_write_run_curves
-    from locbe.runtime.progress import progress_bar
-
     cfg.validate()
     if tensorboard:
         require_tensorboard()  # before anything is written
     info, device = setup_distributed(cfg.device)
+    with rundir.hold(cfg.out_dir, f"locbe {command}", info, device), pinned_threads(cfg.cpu_numerics):
+        return _train(cfg, info, device, resume=resume, init_from=init_from, force_new=force_new, progress=progress,
+                      max_steps_this_run=max_steps_this_run, check_data=check_data, tensorboard=tensorboard,
+                      command=command)
+
+
+def _train(cfg: TrainConfig, info: RankInfo, device: torch.device, *, resume: bool, init_from: str | None,
+           force_new: bool, progress: bool, max_steps_this_run: int | None, check_data: bool, tensorboard: bool,
+           command: str) -> TrainResult:
+    from locbe.method.step import step_generator, training_step
+    from locbe.report.curves import try_write_run_curves
+    from locbe.runtime.progress import progress_bar
+
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed + info.rank)
@@ -103,12 +116,41 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
     net, optimizer, par, reg_loss = build_training(cfg, device, init_from)
     out_dir, (last_path, final_path) = Path(cfg.out_dir), rundir.checkpoint_paths(cfg.out_dir)
     step = load_training_state(last_path, net, optimizer) if resume else 0
+    saved_step = step if resume else None  # the step whose state last.pth holds
+    ckpt_size = checkpoint_bytes(net, optimizer)
+    rerun = rundir.RERUN.get(command, rundir.RERUN["train"])
+
+    @contextlib.contextmanager
+    def said_if_disk_full(path: Path, needs: int):
+        """A write of ``path`` that finds the disk full ends the run with one line (locbe.runtime.fileio)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            error = disk_full(e, path, needs, last_path, saved_step, rerun)
+            if error is None:
+                raise
+            raise error from e
+
+    def save(path: Path) -> None:
+        nonlocal saved_step
+        with said_if_disk_full(path, ckpt_size):
+            save_checkpoint(path, net, optimizer, step, cfg)
+        if path == last_path:
+            saved_step = step
+
     broadcast_parameters(net, info.world_size)
     if info.is_main:
+        if resume:
+            print(f"resuming from step {step} (of {cfg.max_steps}) in {last_path}", file=sys.stderr)
+        last_size = last_path.stat().st_size if resume else 0
+        warning = warn_if_short_of_space(out_dir, space_needed(cfg, ckpt_size, step, last_size), ckpt_size, command)
+        if warning:
+            print(warning, file=sys.stderr)
         env = environment_info(cfg, device, info.world_size)
-        rundir.start(out_dir, step, cfg.to_dict(), env)
+        with said_if_disk_full(out_dir / "config.json", 2**20):
+            rundir.start(out_dir, step, cfg.to_dict(), env)
         if (warning := pinned_warning(env["numerics"])) and device.type == "cpu":
-            print(f"locbe train: {warning}", file=sys.stderr)
+            print(f"locbe {command}: {warning}", file=sys.stderr)
     board = TensorBoardLog(out_dir, step) if tensorboard and info.is_main else None
 
     params = [p for p in net.parameters() if p.requires_grad]
@@ -121,13 +163,13 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
     curves_at = None  # the step curves.png was last drawn at
     t_start = time.perf_counter()
     # a neighbour that arrives after the start meets the wait settings chosen at the start (locbe/runtime/openmp.py)
-    neighbour_watch = LateNeighbourWatch(torch.get_num_threads(), info.world_size) if (
+    neighbour_watch = LateNeighbourWatch(torch.get_num_threads(), info.world_size, command=command) if (
         info.is_main and device.type == "cpu") else None
 
     def save_and_stop(error: BaseException) -> None:
         """Keep the state after ``step`` (a step boundary), then raise ``error``."""
         if info.is_main:
-            save_checkpoint(last_path, net, optimizer, step, cfg)
+            save(last_path)
             try_write_run_curves(out_dir)
         raise error
 
@@ -160,20 +202,22 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
                     if step % cfg.log_every == 0 or step == stop_at:
                         last_losses = reduce_mean(loss_values(out), info.world_size, device)
                         if info.is_main:
-                            log_step(out_dir, step, lr, time.perf_counter() - t_start, last_losses, bar)
+                            with said_if_disk_full(out_dir / "log.jsonl", 2**20):
+                                log_step(out_dir, step, lr, time.perf_counter() - t_start, last_losses, bar)
                             if board is not None:
                                 board.log(step, lr, last_losses)
                         if neighbour_watch and (notice := neighbour_watch.check()):
                             tqdm.write(notice, file=sys.stderr)
                     bar.update(1)
                     if info.is_main and (step % cfg.ckpt_every == 0 or step == stop_at):
-                        save_checkpoint(last_path, net, optimizer, step, cfg)
+                        save(last_path)
                         try_write_run_curves(out_dir)  # a plotting error is one line, never the end of the run
                         curves_at = step
                         if board is not None:
                             board.flush()
                     if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
-                        periodic_validation(net, cfg, device, info, step, out_dir)
+                        with said_if_disk_full(out_dir / "val.jsonl", 2**20):
+                            periodic_validation(net, cfg, device, info, step, out_dir)
                     if any_rank(stop.requested, info.world_size, device) and step < stop_at:
                         save_and_stop(interrupted(stop, step, last_path, cfg.out_dir))
         except FetchError as e:  # the DataLoader failed; a stop signal may have taken its workers down
@@ -186,7 +230,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = No
                 board.close()
 
     if info.is_main and step >= cfg.max_steps:
-        save_checkpoint(final_path, net, optimizer, step, cfg)
+        save(final_path)
     if info.is_main and curves_at != step:
         try_write_run_curves(out_dir)
     barrier(info.world_size)

@@ -18,17 +18,22 @@ def run(args) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    import torch.distributed as dist
+    from locbe.runtime.runlock import run_dir_lock
 
-    from locbe.train import train
+    # one process per run directory; taken before torch loads so that a refusal comes at once (train() holds
+    # it again: the lock is re-entrant; torchrun: rank 0 holds it)
+    with run_dir_lock(cfg.out_dir, "locbe train", take=int(os.environ.get("RANK", "0")) == 0):
+        import torch.distributed as dist
 
-    try:
-        result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new,
-                       progress=not args.no_progress, check_data=not args.no_check_data,
-                       tensorboard=args.tensorboard)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from locbe.train import train
+
+        try:
+            result = train(cfg, resume=args.resume, init_from=args.init_from, force_new=args.force_new,
+                           progress=not args.no_progress, check_data=not args.no_check_data,
+                           tensorboard=args.tensorboard)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {result.step}, checkpoint {result.checkpoint}")
         curves = result.out_dir / "curves.png"

@@ -5,6 +5,7 @@ for real: SIGTERM / SIGINT to a `locbe train` subprocess, a corrupt JPEG, a chan
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import re
@@ -156,6 +157,38 @@ def test_reproduce_with_a_missing_data_root_overwrites_nothing(tmp_path, capsys)
     assert (out / "report" / "results.md").read_text() == "earlier results"
 
 
+def parsed_train_config(*args: str):
+    from locbe.training.cli import config_from_args
+
+    return config_from_args(build_parser(["train", *args]).parse_args(["train", *args]))
+
+
+def test_max_steps_shrinks_the_schedule_in_train_as_in_reproduce():
+    preset = get_preset("smoke")
+    cfg = parsed_train_config("--preset", "smoke", "--max-steps", "120")
+    assert cfg.max_steps == 120 and cfg.warmup_steps == 6  # 60 of 1200 -> 6 of 120, as reproduce's rehearsal
+    assert [p.until for p in cfg.phases][0] == 20 and preset.phases[0].until == 200  # steps 0..200 -> 0..20
+    longer = parsed_train_config("--preset", "smoke", "--max-steps", "2400")
+    assert longer.max_steps == 2400 and longer.warmup_steps == 60 and longer.phases == preset.phases
+    assert parsed_train_config("--preset", "smoke").max_steps == 1200  # no flag: the preset's
+    raw = parsed_train_config("--preset", "smoke", "--set", "max_steps=120")  # the count alone, as documented
+    assert raw.max_steps == 120 and raw.warmup_steps == 60
+
+
+def test_a_train_run_with_max_steps_is_what_reproduce_with_max_steps_reuses(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = []
+    for o in [o for o in overrides(root, out) if not o.startswith("max_steps=")]:  # the steps: --max-steps
+        sets += ["--set", o]
+    assert cli(["train", "--preset", "smoke", "--no-progress", "--max-steps", "3", *sets]) == 0
+    capsys.readouterr()
+    rc = cli(["reproduce", "--preset", "smoke", "--data-root", str(root), "--out", str(out), "--no-progress",
+              "--max-steps", "3", "--max-images", "1", *sets])
+    out_text, err = capsys.readouterr()
+    assert f"[train] {out / 'checkpoints' / 'final.pth'} exists: skipped" in out_text, err[-2000:]
+    assert "another config" not in err and rc in (0, errors.EXIT_ACCEPTANCE)  # 3 steps may miss the line
+
+
 # ----------------------------------------------------------------------------- faults in a real `locbe train`
 @pytest.mark.parametrize("signum,workers,group", [(signal.SIGTERM, 0, False), (signal.SIGINT, 1, True)],
                          ids=["SIGTERM", "SIGINT-to-group-with-workers"])
@@ -230,6 +263,56 @@ def test_atomic_write_fsyncs_the_file_and_then_its_directory(tmp_path, monkeypat
     fileio.atomic_write_text(tmp_path / "a" / "results.md", "x")
     assert synced == [False, True] and (tmp_path / "a" / "results.md").read_text() == "x"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["results.md"]
+
+
+def half_then_disk_full(path: Path, payload: bytes) -> None:
+    """A writer that gets half of ``payload`` out, then finds the disk full."""
+    with open(path, "wb") as f:
+        f.write(payload[:len(payload) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("write", ["atomic_path", "atomic_write_text"])
+def test_a_write_that_fails_midway_leaves_the_previous_file_byte_for_byte_and_no_temp_file(tmp_path, monkeypatch,
+                                                                                           write):
+    from locbe.runtime import fileio
+
+    target = tmp_path / "ckpt" / "last.pth"
+    target.parent.mkdir()
+    previous = os.urandom(4096)
+    target.write_bytes(previous)
+    new = os.urandom(8192)
+    with pytest.raises(OSError) as info:
+        if write == "atomic_path":
+            with fileio.atomic_path(target) as tmp:
+                half_then_disk_full(tmp, new)
+        else:  # a text write whose file write fails after part of the text went out
+            real = Path.write_text
+
+            def failing(self, text, *a, **k):
+                half_then_disk_full(self, text.encode())
+                return real(self, text, *a, **k)
+
+            monkeypatch.setattr(Path, "write_text", failing)
+            fileio.atomic_write_text(target, new.hex())
+    assert fileio.is_disk_full(info.value)
+    assert target.read_bytes() == previous  # not a byte of the new content in the file readers use
+    assert [p.name for p in target.parent.iterdir()] == ["last.pth"]  # and no temp file left behind
+
+
+@pytest.mark.parametrize("error,full", [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 31094144 vs 31094032"), True),
+    (RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"), True),
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (RuntimeError("shape mismatch"), False),
+])
+def test_is_disk_full_tells_a_full_disk_from_other_failures(error, full):
+    from locbe.runtime.fileio import is_disk_full
+
+    assert is_disk_full(error) is full
 
 
 def test_results_csv_writes_the_seed_as_an_integer(tmp_path):

@@ -30,6 +30,7 @@ from locbe.runtime.openmp import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+REAL_SLEEP = time.sleep  # a test below replaces time.sleep
 
 
 def fresh_env(**extra) -> dict[str, str]:
@@ -101,11 +102,59 @@ def test_the_idle_choice_is_exactly_what_the_runtime_reads_with_nothing_set(plai
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc/stat")
-def test_measured_load_counts_other_processes_not_this_one():
-    with Spinner():
+def test_measured_load_counts_a_busy_process():
+    with Spinner():  # other load on the machine only adds to what is measured: this holds on a busy machine too
         others, cpus = measure_cores_used_by_others(0.5)
     assert cpus == len(os.sched_getaffinity(0))
     assert others >= BUSY_FROM_CORES, others  # one spinning process: about one core
+
+
+def real_ticks(pid: int | str) -> int:
+    """utime + stime of a live process, read from the real /proc (a name without spaces: a python process)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class ControlledMachine:
+    """A fake /proc whose machine-wide CPU counters say that only the processes in ``ran`` ran, and that the wall
+    time that passed is exactly the CPU time the ``clock`` process used (one core's worth of it): so the
+    measured load of others is known whatever the real machine does. ``self`` and the processes listed are
+    the real ones (symlinks into /proc), so their own ticks are what the kernel counted."""
+
+    def __init__(self, tmp_path: Path, ran: list[int], clock: int, children: list[int] = ()):
+        self.proc, self.ran, self.clock = tmp_path / "proc", ran, clock
+        self.proc.mkdir()
+        (self.proc / "self").symlink_to(f"/proc/{os.getpid()}")
+        for pid in children:
+            (self.proc / str(pid)).symlink_to(f"/proc/{pid}")
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self.start = {pid: real_ticks(pid) for pid in ran}
+        self.write()
+
+    def write(self) -> None:
+        busy = sum(real_ticks(pid) - t for pid, t in self.start.items())
+        wall = real_ticks(self.clock) - self.start[self.clock]
+        # per CPU: its share of the busy ticks, and idle ticks up to the wall ticks (from a base of 1000)
+        n = len(self.cpus)
+        share = [busy // n + (k < busy % n) for k in range(n)]
+        lines = [f"cpu{i} {share[k]} 0 0 {1000 + max(wall - share[k], 0)} 0 0 0 0" for k, i in enumerate(self.cpus)]
+        (self.proc / "stat").write_text("cpu 0 0 0 0 0 0 0 0\n" + "\n".join(lines) + "\n")
+
+    def read(self, children_too: bool = False):
+        return read_cpu_sample(str(self.proc), children_too=children_too)
+
+    def wait_for_ticks(self, pid: int, ticks: int = 20, timeout: float = 120) -> None:
+        """Until ``pid`` has used ``ticks`` more clock ticks (however long a busy machine makes that take)."""
+        start, deadline = real_ticks(pid), time.monotonic() + timeout
+        while real_ticks(pid) - start < ticks:
+            assert time.monotonic() < deadline, "the controlled process got no CPU time"
+            REAL_SLEEP(0.05)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_measured_load_leaves_this_processs_own_threads_out(tmp_path, monkeypatch):
+    from locbe.runtime import openmp
+
     stop = threading.Event()
 
     def spin():
@@ -114,12 +163,16 @@ def test_measured_load_counts_other_processes_not_this_one():
 
     thread = threading.Thread(target=spin)
     thread.start()
-    try:  # this process's own spinning thread uses a core, and is left out
-        others, _ = measure_cores_used_by_others(0.5)
+    try:  # the machine ran only this process (its spinning thread): others used nothing
+        machine = ControlledMachine(tmp_path, ran=[os.getpid()], clock=os.getpid())
+        monkeypatch.setattr(openmp, "read_cpu_sample", lambda children_too=False: machine.read(children_too))
+        monkeypatch.setattr(openmp.time, "sleep", lambda s: (machine.wait_for_ticks(os.getpid()), machine.write()))
+        others, cpus = measure_cores_used_by_others(0.5)
     finally:
         stop.set()
         thread.join()
-    assert others < 0.9, others
+    assert cpus == len(os.sched_getaffinity(0))
+    assert others < 0.25, others  # without leaving our own ticks out it would read 1 core (of our one busy core)
 
 
 def fake_proc(tmp_path, per_cpu: list[list[int]], own: tuple[int, int], children=(0, 0)) -> Path:
@@ -153,13 +206,17 @@ def test_read_cpu_sample_counts_our_children_as_ours_on_request(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc")
-def test_a_spinning_child_process_counts_as_ours_with_children_too():
-    with Spinner() as spinner:
-        before = read_cpu_sample(children_too=True)
-        time.sleep(0.5)
-        after = read_cpu_sample(children_too=True)
+def test_a_spinning_child_process_counts_as_ours_with_children_too(tmp_path):
+    with Spinner() as spinner:  # a controlled child; the fake machine ran only it and this process
+        child = spinner.proc.pid
+        machine = ControlledMachine(tmp_path, ran=[os.getpid(), child], clock=child, children=[child])
+        before, before_alone = machine.read(children_too=True), machine.read()
+        machine.wait_for_ticks(child)
+        machine.write()
+        after, after_alone = machine.read(children_too=True), machine.read()
         assert spinner.proc.poll() is None
-    assert cores_used_by_others(before, after) < 0.5  # the spinner is our child
+    assert cores_used_by_others(before, after) < 0.25  # the spinner is our child
+    assert cores_used_by_others(before_alone, after_alone) > 0.75  # counted as another process without children_too
 
 
 class FakeClock:
@@ -194,6 +251,20 @@ def test_late_neighbour_watch_tells_once_when_a_spinning_run_gets_a_neighbour():
     assert "OMP_WAIT_POLICY=PASSIVE" in notice and "--resume" in notice
     clock.now = 6.0
     assert watch.check() is None  # once
+
+
+def test_late_neighbour_watch_gives_the_advice_of_the_command_that_runs():
+    def notice(command):
+        clock, feed = FakeClock(), samples(0, 400)
+        watch = LateNeighbourWatch(2, environ={CHOICE_VARIABLE: SPUN}, every_s=1.0, command=command,
+                                   read=lambda children_too: next(feed), clock=clock)
+        clock.now = 2.0
+        return watch.check()
+
+    assert notice("train").endswith("rerun the same command with OMP_WAIT_POLICY=PASSIVE set and --resume")
+    text = notice("reproduce")  # `locbe reproduce --resume` is an unknown flag: the same command resumes
+    assert "rerun the same command with OMP_WAIT_POLICY=PASSIVE set (it resumes by itself" in text
+    assert "and --resume" not in text
 
 
 @pytest.mark.parametrize("choice,threads,world", [

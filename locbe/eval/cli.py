@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CRF_BACKENDS = ("lattice", "pydensecrf")  # = locbe.eval.crf.BACKENDS (that module imports numpy); default first
@@ -44,6 +45,28 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    out = args.out or Path(args.checkpoint).parent
+    run_dir = run_dir_of(out)
+    if run_dir is None:
+        return _evaluate(args)
+    from locbe.runtime.runlock import run_dir_lock
+
+    # writing into a run directory: not while another locbe process uses it (torchrun: rank 0 holds the lock);
+    # taken before torch loads, so a refusal comes at once
+    with run_dir_lock(run_dir, "locbe eval", take=int(os.environ.get("RANK", "0")) == 0):
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     from locbe.eval.evaluate import run as evaluate_run
 
     return evaluate_run(args)
+
+
+def run_dir_of(out: Path) -> Path | None:
+    """The run directory that ``out`` is (or whose ``checkpoints/`` it is), or None when it is no run directory."""
+    out = Path(out)
+    for d in (out, out.parent):
+        if (d / "config.json").is_file() or (d / "checkpoints").is_dir():
+            return d
+    return None

@@ -1,15 +1,48 @@
 """Atomic, durable file writes: a temp file beside the target, fsync'ed, then ``os.replace`` and an fsync
 of the directory, so an interrupted run or a power cut never leaves a half-written (or renamed but
 empty) checkpoint, table or label file behind: readers see the old file or the new one. Temp files
-of a write that was killed are named ``.NAME.tmpPID``; ``locbe.training.rundir`` removes them."""
+of a write that was killed are named ``.NAME.tmpPID``; ``locbe.training.rundir`` removes them.
+A write that fails (a full disk included) removes its temp file and leaves the previous file as it was;
+``is_disk_full`` tells a full disk from other failures, ``DiskFullError`` says it in one line."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from locbe.errors import LocbeError
+
+# what torch.save's C++ zip writer raises when a write comes up short (a full disk): "[enforce fail at
+# inline_container.cc:672] . unexpected pos 31094144 vs 31094032", "PytorchStreamWriter failed writing file ..."
+TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed")
+
+
+class DiskFullError(LocbeError, OSError):
+    """A write found no space (ENOSPC / EDQUOT, or torch.save's short write); the message says what is kept."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in TORCH_SHORT_WRITE)
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space for an unprivileged writer on the file system that holds ``path`` (or its nearest existing
+    parent)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def megabytes(n: int) -> int:
+    return max(1, -(-int(n) // 2**20)) if n > 0 else 0
 
 
 def fsync_path(path: str | Path, directory: bool = False) -> None:

@@ -148,13 +148,19 @@ class LateNeighbourWatch:
     machine was idle when it started: the choice is made once, and a neighbour that arrives later costs
     such a run about 3x (docs/benchmarks.md "Shared cores"). Checks at most every ``every_s`` seconds."""
 
+    # how the command that runs continues after a stop: `locbe reproduce` has no --resume, it resumes by itself
+    RERUN = {"train": "rerun the same command with OMP_WAIT_POLICY=PASSIVE set and --resume",
+             "reproduce": "rerun the same command with OMP_WAIT_POLICY=PASSIVE set (it resumes by itself; "
+                          "`locbe reproduce` has no --resume)"}
+
     def __init__(self, threads: int, world_size: int = 1, environ=None, every_s: float = 30.0,
-                 read=read_cpu_sample, clock=time.monotonic):
+                 read=read_cpu_sample, clock=time.monotonic, command: str = "train"):
         environ = os.environ if environ is None else environ
         chose_spin = environ.get(CHOICE_VARIABLE, "").startswith(f"{settings_text(IDLE_SETTINGS)} (")
         # one thread never waits at a barrier; with torchrun the other ranks are ours but not our children
         self.active = chose_spin and threads > 1 and world_size == 1
         self.read, self.clock, self.every_s = read, clock, every_s
+        self.rerun = self.RERUN.get(command, self.RERUN["train"])
         self.last = read(children_too=True) if self.active else None
         self.at = clock()
 
@@ -170,5 +176,5 @@ class LateNeighbourWatch:
         return (f"locbe: other processes now use {others:.2f} of {sample.cpus} cores. This run's OpenMP threads "
                 f"spin before they sleep ({settings_text(IDLE_SETTINGS)}, libgomp's default, kept because it "
                 "started on an idle machine), which costs about 3x beside them; to make them sleep at once, stop "
-                "it (Ctrl-C keeps the state) and rerun the same command with OMP_WAIT_POLICY=PASSIVE set and --resume")
+                f"it (Ctrl-C keeps the state) and {self.rerun}")
 

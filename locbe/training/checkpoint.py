@@ -13,7 +13,7 @@ import torch
 from locbe.config import TrainConfig
 from locbe.data.digest import dataset_digest
 from locbe.errors import LocbeError
-from locbe.runtime.fileio import atomic_path
+from locbe.runtime.fileio import DiskFullError, atomic_path, free_bytes, is_disk_full, megabytes
 from locbe.runtime.numerics import numerics_record
 from locbe.runtime.openmp import CHOICE_VARIABLE
 from locbe.training.rng import rng_state, set_rng_state
@@ -22,8 +22,10 @@ CHECKPOINT_FORMAT = 1
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # the file is ours to close: a failed save (a full disk) frees its space at once, not when the error's
+    # traceback (which holds torch's writer) is dropped, so the error can say how much is free
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(path: Path, net, optimizer, step: int, cfg: TrainConfig) -> None:
@@ -33,6 +35,62 @@ def save_checkpoint(path: Path, net, optimizer, step: int, cfg: TrainConfig) -> 
         "format": CHECKPOINT_FORMAT, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
         "step": step, "rng": rng_state(), "config": cfg.to_dict(), "locbe_version": locbe.__version__,
     }, path)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(net, optimizer) -> int:
+    """About the size of a checkpoint of ``net`` and ``optimizer``: the model's state, the optimiser's (before
+    the first step AdamW has none yet: two moments per trainable parameter), and 1 % for the rest."""
+    model = tensor_bytes(net.state_dict())
+    opt = tensor_bytes(optimizer.state_dict()["state"])
+    if not opt:
+        opt = 2 * sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    return int((model + opt) * 1.01) + 2**16
+
+
+LOG_ROW_BYTES = 400  # a log.jsonl / val.jsonl row, generously
+
+
+def space_needed(cfg: TrainConfig, ckpt: int, step: int, last_size: int) -> int:
+    """Free space a run from ``step`` needs: two checkpoints (``last.pth`` and the temp copy that replaces it,
+    or ``final.pth`` beside it) less the ``last.pth`` already there, plus the rows of the logs still to come."""
+    rows = (cfg.max_steps - step) // max(cfg.log_every, 1) + 1
+    rows += (cfg.max_steps - step) // cfg.val_every + 1 if cfg.val_every else 0
+    return max(2 * ckpt - last_size, ckpt) + rows * LOG_ROW_BYTES
+
+
+def warn_if_short_of_space(out_dir: Path, needed: int, ckpt: int, command: str) -> str | None:
+    """One line for stderr when ``out_dir``'s file system has less than ``needed`` bytes free, else None."""
+    free = free_bytes(out_dir)
+    if free >= needed:
+        return None
+    return (f"locbe {command}: warning: {free // 2**20} MB free for {out_dir}, the run needs about "
+            f"{megabytes(needed)} MB (two checkpoints of about {megabytes(ckpt)} MB and the logs); a write that "
+            "does not fit stops the run: free space now or choose another --out")
+
+
+def disk_full(error: BaseException, path: Path, needs: int, last_path: Path, saved_step: int | None,
+              rerun: str) -> DiskFullError | None:
+    """The one-line error for a write of ``path`` that found the disk full (None: ``error`` is something else).
+    ``saved_step``: the step of the state ``last_path`` holds (None: no checkpoint yet)."""
+    if not is_disk_full(error):
+        return None
+    if saved_step is None:
+        kept = f"no state is saved yet ({last_path} does not exist); free space and rerun the same command"
+    else:
+        kept = f"the state after step {saved_step} is in {last_path}; free space and {rerun}"
+    return DiskFullError(f"disk full writing {path} (needs about {megabytes(needs)} MB, "
+                         f"{free_bytes(path) // 2**20} MB free); {kept}")
 
 
 def load_training_state(path: Path, net, optimizer) -> int:

@@ -40,7 +40,10 @@ def add_arguments(p, argv=()) -> None:
                    help="continue from <out>/checkpoints/last.pth (an error if it is missing or the config differs)")
     p.add_argument("--force-new", action="store_true",
                    help="<out> holds a run: move it aside to <out>.old-<UTC time> and start over")
-    p.add_argument("--max-steps", type=int, default=cfg.max_steps, help=f"optimiser steps {d}")
+    p.add_argument("--max-steps", type=int,
+                   help=f"optimiser steps (preset {cfg.preset}: {cfg.max_steps}); fewer shrink the whole schedule "
+                        "(phase boundaries, warm-up, validation and checkpoint intervals) as `locbe reproduce "
+                        "--max-steps` does, so both make the same run; --set max_steps=N changes the count alone")
     p.add_argument("--batch-size", type=int, default=cfg.batch_size, help=f"images per process {d}")
     p.add_argument("--seed", type=int, default=cfg.seed, help=f"seed of data order, augmentation and init {d}")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=cfg.device,
@@ -72,9 +75,25 @@ def add_arguments(p, argv=()) -> None:
                    help="skip the check of every image's and mask's header before step 0 (locbe check-data)")
 
 
+def with_max_steps(cfg: TrainConfig, max_steps: int | None, max_images: int | None = None) -> TrainConfig:
+    """``--max-steps`` of ``locbe train`` and ``locbe reproduce``, one meaning: fewer steps than ``cfg``'s shrink
+    the whole schedule (``locbe.rehearsal.cap_schedule``), more lengthen the last phase; None keeps ``cfg``."""
+    if max_steps is None:
+        return cfg
+    if max_steps <= 0:
+        raise ConfigError(f"--max-steps {max_steps}: max_steps takes a positive integer")
+    from locbe.rehearsal import cap_schedule
+
+    try:
+        capped = cap_schedule(cfg, max_steps, max_images)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(capped, max_steps=max_steps).validate() if max_steps > cfg.max_steps else capped
+
+
 def config_from_args(args) -> TrainConfig:
     mapping = {"data_root": args.data_root, "pretrained": args.pretrained, "out_dir": args.out,
-               "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": args.seed,
+               "batch_size": args.batch_size, "seed": args.seed,
                "device": args.device, "num_workers": args.num_workers, "backbone": args.backbone,
                "fidelity": args.fidelity}
     try:
@@ -86,7 +105,7 @@ def config_from_args(args) -> TrainConfig:
         for flag in ("bf16", "cam_bf16", "fast_step", "deterministic"):
             if getattr(args, flag):
                 cfg = dataclasses.replace(cfg, **{flag: True})
-        return apply_overrides(cfg, args.overrides)
+        return with_max_steps(apply_overrides(cfg, args.overrides), args.max_steps)
     except ConfigError as e:
         key = getattr(e, "key", None)  # a flag's value out of range: name the flag, not the config key
         if key in mapping and key not in {item.split("=", 1)[0].strip() for item in args.overrides}:

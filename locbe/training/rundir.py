@@ -10,9 +10,11 @@ step appears once. Temp files left by a write that was killed (``.NAME.tmpPID``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from locbe.config import NOT_HASHED, TrainConfig
@@ -22,6 +24,9 @@ from locbe.runtime.fileio import atomic_write_text
 LOGS = ("log.jsonl", "val.jsonl")
 # how to continue after a stop; `locbe reproduce` has no --resume: it resumes by itself
 RESUME_HINT = "`locbe train ... --resume` (same flags) or the same `locbe reproduce` command continues"
+# the same, for the command that runs ("free space and <this>")
+RERUN = {"train": "rerun with --resume",
+         "reproduce": "rerun the same `locbe reproduce` command (it resumes by itself; it has no --resume)"}
 _STALE_TMP = re.compile(r"^\..+\.tmp\d+(\.[A-Za-z0-9]+)?$")  # locbe.runtime.fileio.atomic_path's temp names
 _ABSENT = object()
 
@@ -155,3 +160,24 @@ def start(out_dir: str | Path, step: int, config: dict, env: dict) -> None:
     truncate_logs(out_dir, step)
     atomic_write_json(out_dir / "config.json", config)
     atomic_write_json(out_dir / "env.json", env)
+
+
+@contextlib.contextmanager
+def hold(out_dir: str | Path, command: str, info, device) -> Iterator[None]:
+    """One process per run directory (``locbe.runtime.runlock``): rank 0 takes the lock of ``out_dir`` for the
+    block; when it cannot, every rank stops (the refusal names the holder)."""
+    from locbe.runtime.runlock import acquire, release
+    from locbe.training.distributed import any_rank
+
+    path, error = None, None
+    if info.is_main:
+        try:
+            path = acquire(out_dir, command)
+        except RunDirError as e:
+            error = e
+    if any_rank(error is not None, info.world_size, device):
+        raise error or RunDirError(f"{out_dir} is in use by another process (rank 0 could not lock it)")
+    try:
+        yield
+    finally:
+        release(path)
