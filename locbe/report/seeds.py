@@ -65,7 +65,8 @@ def run_record(run_dir: str | Path, seed: int | None = None) -> dict:
         metrics[name] = {"value": 100 * res[field]["miou"], "split": res.get("split"),
                          "protocol": res.get("protocol"), "num_images": res.get("num_images"),
                          "autocast": res.get("autocast", "off"), "device": res.get("device"),
-                         "world_size": res.get("world_size", 1)}
+                         "world_size": res.get("world_size", 1),
+                         **({"crf_backend": res["crf_backend"]} if res.get("crf_backend") else {})}
         if column is not None:
             per_class[column] = [100 * float(v) if v is not None else float("nan") for v in res[field]["iou"]]
     seed = config.get("seed", env.get("seed")) if seed is None else seed
