@@ -82,6 +82,7 @@ FIELDS = {
     "device": ("choice", st.sampled_from(["auto", "cpu", "cuda"])),
     "bf16": ("bool", st.booleans()),
     "deterministic": ("bool", st.booleans()),
+    "cpu_numerics": ("choice", st.sampled_from(["native", "pinned"])),
     "fast_step": ("bool", st.booleans()),
     "cam_bf16": ("bool", st.booleans()),
     "out_dir": ("str", paths),
