@@ -61,7 +61,8 @@ from locbe.train import train
 data_root, work = sys.argv[2], sys.argv[3]
 late = _voc_phases(0)[-1]  # every loss term (seg, reg, loc, be, sc) from step 0
 base = dataclasses.replace(get_preset("smoke"), data_root=data_root, phases=[Phase(math.inf, dict(late.weights))],
-                           log_every=1, ckpt_every=10**9, val_every=0)
+                           log_every=1, ckpt_every=10**9, val_every=0,
+                           cpu_numerics="native")  # the process's threads: what the wait policy is about
 image, s = photo_inputs(2, 21, 224)
 calls = 0
 print(json.dumps({"ready": True, **{k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
