@@ -61,11 +61,16 @@ def _add_arguments(module_name: str, parser: argparse.ArgumentParser, argv: list
 def main(argv: list[str] | None = None) -> int:
     apply_shared_core_defaults()  # before any subcommand imports torch (locbe/runtime/openmp.py)
     argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    chosen = _command_at(argv)
     if chosen is not None and "torch" not in sys.modules:  # libraries read these once, when they first run
         if numerics_from_argv(argv[chosen], argv[chosen + 1:]) == "pinned":
             say_overrides(apply_pinned_numerics())
     return _run(build_parser(argv).parse_args(argv))
+
+
+def _command_at(argv: list[str]) -> int | None:
+    """Where the subcommand's name stands in ``argv`` (the first word that is not a flag), or None."""
+    return next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
 
 
 def numerics_from_argv(command: str, argv: list[str]) -> str:
@@ -100,7 +105,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    chosen = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    chosen = _command_at(argv)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         p.set_defaults(_module=module_name)
