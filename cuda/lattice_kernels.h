@@ -18,8 +18,10 @@
 
 #ifdef __CUDACC__
 #define HOST_DEVICE __host__ __device__
+#define LOCBE_INLINE __forceinline__
 #else
 #define HOST_DEVICE
+#define LOCBE_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace locbe {
@@ -102,64 +104,81 @@ HOST_DEVICE inline int64_t find_point(const int* table, int64_t mask, const int1
   }
 }
 
-// roundf(x) for |x| < 2^23, without a libm call (baseline x86-64 has no rounding instruction): x - trunc(x) is
-// exact, so the comparison with 0.5 decides exactly as roundf does (halves away from zero).
-HOST_DEVICE inline int round_half_away(float x) {
-  int t = static_cast<int>(x);
-  const float frac = x - static_cast<float>(t);
-  if (frac >= 0.5f) ++t;
-  else if (frac <= -0.5f) --t;
-  return t;
-}
+// One lane of the elevation: float and int, the GPU's and the parallel CPU kernels' types. The CPU whole-image
+// schedule runs the same function on several pixels at once with vector lanes (lattice_serial.h), so every
+// schedule computes the same floats from one source. A lane type names F (float lanes), I (int lanes), M (the
+// result of comparing F or I lanes) and four operations on them.
+struct OneLane {
+  using F = float;
+  using I = int;
+  using M = bool;
+  static HOST_DEVICE I ones(M m) { return m ? 1 : 0; }  // 1 where m holds, else 0
+  static HOST_DEVICE F pick(M m, F a, F b) { return m ? a : b; }
+  static HOST_DEVICE I trunc(F x) { return static_cast<int>(x); }
+  static HOST_DEVICE F to_float(I x) { return static_cast<float>(x); }
+};
 
 // ---------------------------------------------------------------------------- 1. elevate
-// One point: the remainder-0 vertex rem0 (multiples of kV), the ranks (a permutation of 0..kD) and the d+1
-// barycentric weights (the math of Kraehenbuehl's permutohedral.cpp). Shared by ElevateKernel and the CPU
-// whole-image schedule (lattice_serial.h).
-template <int D>
-HOST_DEVICE inline void elevate_point(const float* f, int* rem0, int* rank, float* bary) {
+// One point (or one point per lane): the remainder-0 vertex rem0 (multiples of D+1), the ranks (a permutation of
+// 0..D) and the d+1 barycentric weights (the math of Kraehenbuehl's permutohedral.cpp), without branches: the
+// comparisons are unpredictable, and lanes need the same instructions.
+// - roundf(x) for |x| < 2^23 without a libm call (baseline x86-64 has no rounding instruction): x - trunc(x) is
+//   exact, so comparing it with +-0.5 decides exactly as roundf does (halves away from zero).
+// - The weights: permutohedral.cpp adds v_j to b[D - rank_j] and subtracts it from b[D - rank_j + 1], j in order.
+//   Each b[r], 0 < r <= D, gets one addition, a (the v of rank D - r), and one subtraction, c (rank D - r + 1), in
+//   an order that depends on the ranks; (0 + a) - c and (0 - c) + a are the same float for every finite a and c
+//   (signed zeros included), so picking a and c by rank gives its floats bit for bit.
+template <int D, class L = OneLane>
+HOST_DEVICE LOCBE_INLINE void elevate_point(const typename L::F* f, typename L::I* rem0, typename L::I* rank,
+                                            typename L::F* bary) {
+  using F = typename L::F;
+  using I = typename L::I;
   const float inv_std = sqrtf(2.0f / 3.0f) * (D + 1);
-  float elevated[(D + 1)];
-  float sm = 0.0f;
+  F elevated[D + 1];
+  F sm{};
   for (int j = D; j > 0; --j) {
-    float cf = f[j - 1] * (1.0f / sqrtf(static_cast<float>((j + 1) * j)) * inv_std);
-    elevated[j] = sm - j * cf;
+    const F cf = f[j - 1] * (1.0f / sqrtf(static_cast<float>((j + 1) * j)) * inv_std);
+    elevated[j] = sm - static_cast<float>(j) * cf;
     sm += cf;
   }
   elevated[0] = sm;
 
   const float down = 1.0f / (D + 1);
   const float up = static_cast<float>(D + 1);
-  int sum = 0;
+  I sum{};
   for (int j = 0; j <= D; ++j) {
-    int rd = round_half_away(down * elevated[j]);
-    rem0[j] = static_cast<int>(rd * up);
+    const F x = down * elevated[j];
+    I rd = L::trunc(x);
+    const F frac = x - L::to_float(rd);
+    rd += L::ones(frac >= 0.5f) - L::ones(frac <= -0.5f);
+    rem0[j] = L::trunc(L::to_float(rd) * up);
     sum += rd;
-    rank[j] = 0;
+    rank[j] = I{};
   }
-  float diff[(D + 1)];
-  for (int j = 0; j <= D; ++j) diff[j] = elevated[j] - rem0[j];
+  F diff[D + 1];
+  for (int j = 0; j <= D; ++j) diff[j] = elevated[j] - L::to_float(rem0[j]);
   for (int a = 0; a < D; ++a) {
-    for (int b = a + 1; b <= D; ++b) {  // branch-free: the comparisons are unpredictable
-      const int lt = diff[a] < diff[b];
+    for (int b = a + 1; b <= D; ++b) {
+      const I lt = L::ones(diff[a] < diff[b]);
       rank[a] += lt;
       rank[b] += 1 - lt;
     }
   }
-  for (int j = 0; j <= D; ++j) {
+  for (int j = 0; j <= D; ++j) {  // ranks outside 0..D wrap, and rem0 moves with them
     rank[j] += sum;
-    if (rank[j] < 0) { rank[j] += D + 1; rem0[j] += D + 1; }
-    else if (rank[j] > D) { rank[j] -= D + 1; rem0[j] -= D + 1; }
+    const I shift = (L::ones(rank[j] < 0) - L::ones(rank[j] > D)) * (D + 1);
+    rank[j] += shift;
+    rem0[j] += shift;
   }
-  float b[(D + 1) + 1];
-  for (int j = 0; j <= D + 1; ++j) b[j] = 0.0f;
-  for (int j = 0; j <= D; ++j) {
-    float v = (elevated[j] - rem0[j]) * down;
-    b[D - rank[j]] += v;
-    b[D - rank[j] + 1] -= v;
+  F v[D + 1], by_rank[D + 1];  // by_rank[r]: the v of the coordinate whose rank is D - r
+  for (int j = 0; j <= D; ++j) v[j] = (elevated[j] - L::to_float(rem0[j])) * down;
+  for (int r = 0; r <= D; ++r) {
+    F pick{};
+    for (int j = 0; j <= D; ++j) pick = L::pick(rank[j] == D - r, v[j], pick);
+    by_rank[r] = pick;
   }
-  b[0] += 1.0f + b[D + 1];
-  for (int r = 0; r <= D; ++r) bary[r] = b[r];
+  for (int r = 1; r <= D; ++r) bary[r] = (0.0f + by_rank[r]) - by_rank[r - 1];
+  bary[0] = (0.0f + by_rank[0]) + (1.0f + (0.0f - by_rank[D]));
 }
 
 // Feature sources of the elevation: the loss's five image features (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) computed
@@ -174,6 +193,21 @@ struct ImageFeatures {
     f[1] = static_cast<float>(i / width) * inv_sxy;
     for (int c = 0; c < 3; ++c) f[2 + c] = image[c * n + i] * inv_srgb;
   }
+  // Pixels i0 .. i0 + count - 1 feature by feature (feature j of pixel i0 + p at out[j * stride + p]), the same
+  // floats as operator(); for the CPU whole-image schedule, which walks the pixels in order (no division each).
+  void gather(int64_t i0, int64_t count, float* out, int64_t stride) const {
+    int64_t y = i0 / width, x = i0 - y * width;
+    for (int64_t p = 0; p < count; ++p) {
+      out[p] = static_cast<float>(x) * inv_sxy;
+      out[stride + p] = static_cast<float>(y) * inv_sxy;
+      if (++x == width) {
+        x = 0;
+        ++y;
+      }
+    }
+    for (int c = 0; c < 3; ++c)
+      for (int64_t p = 0; p < count; ++p) out[(2 + c) * stride + p] = image[c * n + i0 + p] * inv_srgb;
+  }
 };
 
 template <int D>
@@ -182,6 +216,10 @@ struct TensorFeatures {
   const float* features;  // (N, D)
   HOST_DEVICE void operator()(int64_t i, float* f) const {
     for (int j = 0; j < D; ++j) f[j] = features[i * D + j];
+  }
+  void gather(int64_t i0, int64_t count, float* out, int64_t stride) const {
+    for (int64_t p = 0; p < count; ++p)
+      for (int j = 0; j < D; ++j) out[j * stride + p] = features[(i0 + p) * D + j];
   }
 };
 

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <limits>
 #include <vector>
@@ -193,58 +194,115 @@ class PointTable {
   int shift_ = 64;
 };
 
-// ---------------------------------------------------------------------------- 1+2. elevate and insert
-// Returns false if a feature is not finite or too large for packed keys. Pixels in order (the features of pixel i
-// are feat(i, f)); consecutive pixels of an image row often share their simplex.
+// ---------------------------------------------------------------------------- 1. elevate, several pixels at once
+// elevate_point on four pixels per call with GCC vector lanes (SSE2, every x86-64 has it; other compilers and
+// nvcc's host pass take one lane). The floats are OneLane's: the same function, the same operations per lane.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+typedef float LaneF4 __attribute__((vector_size(16)));
+typedef int LaneI4 __attribute__((vector_size(16)));
+struct FourLanes {
+  using F = LaneF4;
+  using I = LaneI4;
+  using M = LaneI4;  // -1 where a comparison holds, else 0
+  static constexpr int kLanes = 4;
+  static I ones(M m) { return -m; }
+  static F pick(M m, F a, F b) { return m ? a : b; }
+  static I trunc(F x) { return __builtin_convertvector(x, LaneI4); }
+  static F to_float(I x) { return __builtin_convertvector(x, LaneF4); }
+};
+using PixelLanes = FourLanes;
+#else
+struct PixelLanes : OneLane {
+  static constexpr int kLanes = 1;
+};
+#endif
+
+// Elevation of a tile of pixels held feature by feature: f[j][p] -> rem0[j][p], rank[j][p], bary[r][p]. Rows are
+// kElevateTile long; lanes past `count` compute on whatever the row holds and are ignored.
+constexpr int64_t kElevateTile = 64;
+static_assert(kElevateTile % PixelLanes::kLanes == 0, "whole lanes per tile");
+
+template <int D>
+void elevate_tile(const float (*f)[kElevateTile], int64_t count, int32_t (*rem0)[kElevateTile],
+                  int32_t (*rank)[kElevateTile], float (*bary)[kElevateTile]) {
+  using L = PixelLanes;
+  using F = L::F;
+  using I = L::I;
+  constexpr int V = D + 1;
+  for (int64_t p = 0; p < count; p += L::kLanes) {
+    F fl[D], bl[V];
+    I rl[V], kl[V];
+    for (int j = 0; j < D; ++j) std::memcpy(&fl[j], &f[j][p], sizeof(F));
+    elevate_point<D, L>(fl, rl, kl, bl);
+    for (int j = 0; j < V; ++j) {
+      std::memcpy(&rem0[j][p], &rl[j], sizeof(I));
+      std::memcpy(&rank[j][p], &kl[j], sizeof(I));
+      std::memcpy(&bary[j][p], &bl[j], sizeof(F));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- 2. insert
+// Returns false if a feature is not finite or too large for packed keys. Pixels in order, a tile at a time: the
+// tile's features (Features::gather), their elevation (elevate_tile), then each pixel's lattice points; consecutive
+// pixels of an image row often share their simplex.
 template <int D, typename scalar_t, class Features>
 bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t* weights, int32_t* entries) {
   constexpr int V = D + 1;
+  constexpr int64_t T = kElevateTile;
   bool ok = true;
   int prev_rem0[D] = {0}, prev_ranks = -1;
   uint64_t prev_key[V];
   int32_t prev_index[V] = {0};
   std::fill(prev_key, prev_key + V, kNoKey);
-  for (int64_t i = 0; i < n; ++i) {
-    float f[D];
-    feat(i, f);
+  alignas(16) float f[D][T] = {};
+  alignas(16) float bary[V][T];
+  alignas(16) int32_t rem0[V][T], rank[V][T];
+  for (int64_t i0 = 0; i0 < n; i0 += T) {
+    const int64_t np = std::min(T, n - i0);
+    feat.gather(i0, np, &f[0][0], T);
     for (int j = 0; j < D; ++j) {
-      const bool finite = std::fabs(f[j]) <= 1e6f;  // false for NaN: the int conversions below stay defined
-      ok = ok && finite;
-      if (!finite) f[j] = 0.0f;
-    }
-    int rem0[V], rank[V];
-    float bary[V];
-    elevate_point<D>(f, rem0, rank, bary);
-    for (int r = 0; r < V; ++r) weights[i * V + r] = static_cast<scalar_t>(bary[r]);
-
-    int ranks = 0;
-    bool same = true;
-    for (int j = 0; j < D; ++j) {
-      ranks |= rank[j] << (3 * j);
-      same = same && rem0[j] == prev_rem0[j];
-    }
-    int32_t* out = entries + i * V;
-    if (same && ranks == prev_ranks) {  // the previous pixel's simplex: its lattice points
-      for (int r = 0; r < V; ++r) out[r] = prev_index[r];
-      continue;
-    }
-    // vertex 0 is rem0; vertex r adds r to every coordinate and subtracts V from those of rank > D - r
-    uint64_t key = 0, drop[V] = {0};
-    for (int j = 0; j < D; ++j) {
-      ok = ok && std::abs(rem0[j]) <= V * kMaxQ;
-      key += static_cast<uint64_t>(rem0[j] / V + kBias) * field(j);
-      drop[rank[j]] = field(j);
-      prev_rem0[j] = rem0[j];
-    }
-    prev_ranks = ranks;
-    if (!ok) key = 0;  // out-of-range fields would carry into each other; the caller raises
-    for (int r = 0; r < V; ++r) {
-      if (r > 0) key = key + 1 - drop[D - r + 1];
-      if (key != prev_key[r]) {  // the same vertex of the previous pixel is often the same point
-        prev_key[r] = key;
-        prev_index[r] = table.find_or_add(key);
+      for (int64_t p = 0; p < np; ++p) {
+        const bool finite = std::fabs(f[j][p]) <= 1e6f;  // false for NaN: the int conversions stay defined
+        ok = ok && finite;
+        if (!finite) f[j][p] = 0.0f;
       }
-      out[r] = prev_index[r];
+    }
+    elevate_tile<D>(f, np, rem0, rank, bary);
+
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t i = i0 + p;
+      for (int r = 0; r < V; ++r) weights[i * V + r] = static_cast<scalar_t>(bary[r][p]);
+      int ranks = 0;
+      bool same = true;
+      for (int j = 0; j < D; ++j) {
+        ranks |= rank[j][p] << (3 * j);
+        same = same && rem0[j][p] == prev_rem0[j];
+      }
+      int32_t* out = entries + i * V;
+      if (same && ranks == prev_ranks) {  // the previous pixel's simplex: its lattice points
+        for (int r = 0; r < V; ++r) out[r] = prev_index[r];
+        continue;
+      }
+      // vertex 0 is rem0; vertex r adds r to every coordinate and subtracts V from those of rank > D - r
+      uint64_t key = 0, drop[V] = {0};
+      for (int j = 0; j < D; ++j) {
+        const int r0 = rem0[j][p];
+        ok = ok && std::abs(r0) <= V * kMaxQ;
+        key += static_cast<uint64_t>(r0 / V + kBias) * field(j);
+        drop[rank[j][p]] = field(j);
+        prev_rem0[j] = r0;
+      }
+      prev_ranks = ranks;
+      if (!ok) key = 0;  // out-of-range fields would carry into each other; the caller raises
+      for (int r = 0; r < V; ++r) {
+        if (r > 0) key = key + 1 - drop[D - r + 1];
+        if (key != prev_key[r]) {  // the same vertex of the previous pixel is often the same point
+          prev_key[r] = key;
+          prev_index[r] = table.find_or_add(key);
+        }
+        out[r] = prev_index[r];
+      }
     }
   }
   return ok;
