@@ -26,6 +26,7 @@
 #include <cstring>
 #include <ctime>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "lattice_kernels.h"
@@ -308,89 +309,161 @@ bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t*
   return ok;
 }
 
+// ---------------------------------------------------------------------------- channel rows as vectors
+// The splat's and slice's inner loops run over one pixel's channels. They are written on vectors of 16 bytes
+// (4 floats, 2 doubles; GCC vector types), the lattice rows and the pixel tiles padded to whole vectors (`kp`
+// channels, the pad zero), so the loops have no scalar tail there. Per channel the operations and their order are
+// the scalar loop's, so are the floats.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+template <typename scalar_t>
+struct RowVec {
+  typedef scalar_t type __attribute__((vector_size(16)));
+};
+#else
+template <typename scalar_t>
+struct RowVec {
+  using type = scalar_t;
+};
+#endif
+template <typename scalar_t>
+constexpr int64_t row_lanes() {
+  return sizeof(typename RowVec<scalar_t>::type) / sizeof(scalar_t);
+}
+template <typename scalar_t>
+inline int64_t padded_channels(int64_t k) {
+  return (k + row_lanes<scalar_t>() - 1) / row_lanes<scalar_t>() * row_lanes<scalar_t>();
+}
+template <typename T, typename scalar_t>
+inline T load_vec(const scalar_t* p) {
+  T x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+template <typename T, typename scalar_t>
+inline void store_vec(scalar_t* p, T x) {
+  std::memcpy(p, &x, sizeof x);
+}
+
+// row[c] += w v[c] for c < k (whole vectors, then one channel at a time)
+template <typename scalar_t>
+inline void add_scaled_row(scalar_t* __restrict__ row, scalar_t w, const scalar_t* __restrict__ v, int64_t k) {
+  using Vec = typename RowVec<scalar_t>::type;
+  constexpr int64_t W = row_lanes<scalar_t>();
+  int64_t c = 0;
+  for (; c + W <= k; c += W) store_vec(row + c, load_vec<Vec>(row + c) + w * load_vec<Vec>(v + c));
+  for (; c < k; ++c) row[c] += w * v[c];
+}
+
+// out[c] = alpha (sum over r of w[r] rows[r][c], r in vertex order) for c < k
+template <int V, typename scalar_t>
+inline void weighted_rows(const scalar_t* const* rows, const scalar_t* w, scalar_t alpha, int64_t k,
+                          scalar_t* __restrict__ out) {
+  using Vec = typename RowVec<scalar_t>::type;
+  constexpr int64_t W = row_lanes<scalar_t>();
+  int64_t c = 0;
+  for (; c + W <= k; c += W) {
+    Vec acc{};
+    for (int r = 0; r < V; ++r) acc = acc + w[r] * load_vec<Vec>(rows[r] + c);
+    store_vec(out + c, alpha * acc);
+  }
+  for (; c < k; ++c) {
+    scalar_t acc = 0;
+    for (int r = 0; r < V; ++r) acc += w[r] * rows[r][c];
+    out[c] = alpha * acc;
+  }
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: the tiles' transpositions. Floats go in blocks of
+// 4 x 4 through registers (GCC's __builtin_shuffle), the rest one at a time.
+template <typename scalar_t>
+inline void transpose_block(const scalar_t* __restrict__ src, int64_t lds, int64_t rows, int64_t cols,
+                            scalar_t* __restrict__ dst, int64_t ldd) {
+  int64_t i0 = 0;
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    using V = LaneF4;
+    using Mask = LaneI4;
+    for (; i0 + 4 <= rows; i0 += 4) {
+      int64_t j = 0;
+      for (; j + 4 <= cols; j += 4) {
+        const V a = load_vec<V>(src + i0 * lds + j), b = load_vec<V>(src + (i0 + 1) * lds + j);
+        const V c = load_vec<V>(src + (i0 + 2) * lds + j), d = load_vec<V>(src + (i0 + 3) * lds + j);
+        const V ab_lo = __builtin_shuffle(a, b, Mask{0, 4, 1, 5}), ab_hi = __builtin_shuffle(a, b, Mask{2, 6, 3, 7});
+        const V cd_lo = __builtin_shuffle(c, d, Mask{0, 4, 1, 5}), cd_hi = __builtin_shuffle(c, d, Mask{2, 6, 3, 7});
+        store_vec(dst + j * ldd + i0, __builtin_shuffle(ab_lo, cd_lo, Mask{0, 1, 4, 5}));
+        store_vec(dst + (j + 1) * ldd + i0, __builtin_shuffle(ab_lo, cd_lo, Mask{2, 3, 6, 7}));
+        store_vec(dst + (j + 2) * ldd + i0, __builtin_shuffle(ab_hi, cd_hi, Mask{0, 1, 4, 5}));
+        store_vec(dst + (j + 3) * ldd + i0, __builtin_shuffle(ab_hi, cd_hi, Mask{2, 3, 6, 7}));
+      }
+      for (; j < cols; ++j)
+        for (int64_t i = i0; i < i0 + 4; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
+  }
+#endif
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
 // ---------------------------------------------------------------------------- 4. splat
-// Pixels in tiles: a tile of the K x N values is transposed to rows of K, then each pixel adds w_r x its row to
-// its d+1 lattice rows. Every lattice point still receives its contributions in pixel order.
+// Pixel i adds w_r x its K values to its d+1 lattice rows (stride kp >= K), pixels in order, so every lattice point
+// receives its contributions in pixel order. Values (K, N) go through tiles of kTile pixels transposed to rows
+// of kp (pad zero); pixel-major values (pixel i's K at vin + i * ld) are read in place.
 constexpr int64_t kTile = 64;
 
 template <int V, typename scalar_t>
+inline void splat_pixel(const scalar_t* v, const scalar_t* __restrict__ weights, const int32_t* __restrict__ entries,
+                        int64_t i, int64_t k, int64_t kp, scalar_t* __restrict__ lattice) {
+  for (int r = 0; r < V; ++r)
+    add_scaled_row(lattice + static_cast<int64_t>(entries[i * V + r]) * kp, weights[i * V + r], v, k);
+}
+
+template <int V, typename scalar_t>
 void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weights,
-           const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t* __restrict__ lattice,
+           const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t* __restrict__ lattice,
            scalar_t* __restrict__ tile) {
   for (int64_t p0 = 0; p0 < n; p0 += kTile) {
     const int64_t np = std::min(kTile, n - p0);
-    for (int64_t c = 0; c < k; ++c) {
-      const scalar_t* src = vin + c * n + p0;
-      for (int64_t p = 0; p < np; ++p) tile[p * k + c] = src[p];
-    }
-    for (int64_t p = 0; p < np; ++p) {
-      const int64_t i = p0 + p;
-      const scalar_t* v = tile + p * k;
-      for (int r = 0; r < V; ++r) {
-        const scalar_t wr = weights[i * V + r];
-        scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
-        for (int64_t c = 0; c < k; ++c) row[c] += wr * v[c];
-      }
-    }
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t c = k; c < kp; ++c) tile[p * kp + c] = 0;
+    transpose_block(vin + p0, n, k, np, tile, kp);
+    for (int64_t p = 0; p < np; ++p) splat_pixel<V>(tile + p * kp, weights, entries, p0 + p, kp, kp, lattice);
   }
+}
+
+template <int V, typename scalar_t>
+void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const scalar_t* __restrict__ weights,
+                const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t* __restrict__ lattice) {
+  for (int64_t i = 0; i < n; ++i) splat_pixel<V>(vin + i * ld, weights, entries, i, k, kp, lattice);
 }
 
 // ---------------------------------------------------------------------------- 6. slice
-// alpha x (sum over r, in vertex order, of w_r x lattice row), per tile, transposed back to (K, N).
+// alpha x (sum over r, in vertex order, of w_r x lattice row): per tile of pixels, transposed back to (K, N), or in
+// place into pixel-major rows.
 template <int V, typename scalar_t>
-void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
-           const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t alpha, scalar_t* __restrict__ vout,
-           scalar_t* __restrict__ tile) {
-  for (int64_t p0 = 0; p0 < n; p0 += kTile) {
-    const int64_t np = std::min(kTile, n - p0);
-    for (int64_t p = 0; p < np; ++p) {
-      const int64_t i = p0 + p;
-      scalar_t* __restrict__ acc = tile + p * k;
-      for (int64_t c = 0; c < k; ++c) acc[c] = 0;
-      for (int r = 0; r < V; ++r) {
-        const scalar_t wr = weights[i * V + r];
-        const scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
-        for (int64_t c = 0; c < k; ++c) acc[c] += wr * row[c];
-      }
-      for (int64_t c = 0; c < k; ++c) acc[c] = alpha * acc[c];
-    }
-    for (int64_t c = 0; c < k; ++c) {
-      scalar_t* dst = vout + c * n + p0;
-      for (int64_t p = 0; p < np; ++p) dst[p] = tile[p * k + c];
-    }
-  }
+inline void slice_pixel(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+                        const int32_t* __restrict__ entries, int64_t i, int64_t k, int64_t kp, scalar_t alpha,
+                        scalar_t* out) {
+  const scalar_t* rows[V];
+  for (int r = 0; r < V; ++r) rows[r] = lattice + static_cast<int64_t>(entries[i * V + r]) * kp;
+  weighted_rows<V>(rows, weights + i * V, alpha, k, out);
 }
 
-// The same splat and slice on pixel-major values: pixel i's K values are the row vin + i * ld (no transposition).
-// Every lattice point receives its contributions in pixel order, and the slice adds the rows in vertex order, so
-// results equal splat / slice's bitwise.
 template <int V, typename scalar_t>
-void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const scalar_t* __restrict__ weights,
-                const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t* __restrict__ lattice) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* v = vin + i * ld;
-    for (int r = 0; r < V; ++r) {
-      const scalar_t wr = weights[i * V + r];
-      scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
-      for (int64_t c = 0; c < k; ++c) row[c] += wr * v[c];
-    }
+void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+           const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
+           scalar_t* __restrict__ vout, scalar_t* __restrict__ tile) {
+  for (int64_t p0 = 0; p0 < n; p0 += kTile) {
+    const int64_t np = std::min(kTile, n - p0);
+    for (int64_t p = 0; p < np; ++p) slice_pixel<V>(lattice, weights, entries, p0 + p, kp, kp, alpha, tile + p * kp);
+    transpose_block(tile, kp, np, k, vout + p0, n);
   }
 }
 
 template <int V, typename scalar_t>
 void slice_rows(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
-                const int32_t* __restrict__ entries, int64_t n, int64_t k, scalar_t alpha, scalar_t* __restrict__ vout,
-                int64_t ld) {
-  for (int64_t i = 0; i < n; ++i) {
-    scalar_t* __restrict__ acc = vout + i * ld;
-    for (int64_t c = 0; c < k; ++c) acc[c] = 0;
-    for (int r = 0; r < V; ++r) {
-      const scalar_t wr = weights[i * V + r];
-      const scalar_t* __restrict__ row = lattice + static_cast<int64_t>(entries[i * V + r]) * k;
-      for (int64_t c = 0; c < k; ++c) acc[c] += wr * row[c];
-    }
-    for (int64_t c = 0; c < k; ++c) acc[c] = alpha * acc[c];
-  }
+                const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
+                scalar_t* __restrict__ vout, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) slice_pixel<V>(lattice, weights, entries, i, k, kp, alpha, vout + i * ld);
 }
 
 template <typename scalar_t>
@@ -448,27 +521,29 @@ void apply_image_whole(const scalar_t* weights, const int32_t* entries, const in
   // that its d = 2 lattice (more points than pixels) needs fewer passes over the pixels.
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (2 * buffer_share * (m + 1))));
   const scalar_t alpha = static_cast<scalar_t>(1.0 / (1.0 + std::pow(2.0, -D)));
-  scalar_t* tile = Workspace::take<scalar_t>(ws.tile, kTile * chunk);
-  scalar_t* lattice = Workspace::take<scalar_t>(ws.shared, 2 * (m + 1) * chunk);
-  scalar_t* other = lattice + (m + 1) * chunk;
+  const int64_t chunk_padded = padded_channels<scalar_t>(chunk);
+  scalar_t* tile = Workspace::take<scalar_t>(ws.tile, kTile * chunk_padded);
+  scalar_t* lattice = Workspace::take<scalar_t>(ws.shared, 2 * (m + 1) * chunk_padded);
+  scalar_t* other = lattice + (m + 1) * chunk_padded;
   for (int64_t c0 = 0; c0 < k; c0 += chunk) {
     const int64_t kc = std::min(chunk, k - c0);
-    std::fill(lattice, lattice + (m + 1) * kc, scalar_t(0));
-    if (ld > 0) splat_rows<V>(vin + c0 * cs, ld, weights, entries, n, kc, lattice);
-    else splat<V>(vin + c0 * cs, weights, entries, n, kc, lattice, tile);
+    const int64_t kp = padded_channels<scalar_t>(kc);  // the lattice's row stride
+    std::fill(lattice, lattice + (m + 1) * kp, scalar_t(0));
+    if (ld > 0) splat_rows<V>(vin + c0 * cs, ld, weights, entries, n, kc, kp, lattice);
+    else splat<V>(vin + c0 * cs, weights, entries, n, kc, kp, lattice, tile);
     // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
-    TORCH_CHECK_VALUE(all_finite(lattice, m * kc), "lattice_filter: values must be finite (found NaN or inf)");
+    TORCH_CHECK_VALUE(all_finite(lattice, m * kp), "lattice_filter: values must be finite (found NaN or inf)");
     clock.mark("splat");
-    std::fill(other + m * kc, other + (m + 1) * kc, scalar_t(0));  // row M: the missing neighbour
+    std::fill(other + m * kp, other + (m + 1) * kp, scalar_t(0));  // row M: the missing neighbour
     for (int step = 0; step < V; ++step) {
       const int j = reverse ? D - step : step;  // reversed axis order = the exact transpose of W
-      const BlurKernel<scalar_t> blur{lattice, other, neighbours + static_cast<int64_t>(j) * m * 2, kc};
+      const BlurKernel<scalar_t> blur{lattice, other, neighbours + static_cast<int64_t>(j) * m * 2, kp};
       for (int64_t l = 0; l < m; ++l) blur(l);
       std::swap(lattice, other);
     }
     clock.mark("blur");
-    if (ld > 0) slice_rows<V>(lattice, weights, entries, n, kc, alpha, vout + c0 * cs, ld);
-    else slice<V>(lattice, weights, entries, n, kc, alpha, vout + c0 * cs, tile);
+    if (ld > 0) slice_rows<V>(lattice, weights, entries, n, kc, kp, alpha, vout + c0 * cs, ld);
+    else slice<V>(lattice, weights, entries, n, kc, kp, alpha, vout + c0 * cs, tile);
     clock.mark("slice");
   }
 }

@@ -128,12 +128,14 @@ def test_reverse_order_is_the_exact_transpose():
 # ---------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_deterministic_mode_bitwise_across_runs_and_threads(dtype, batch):
-    """B=1 with 2 threads runs the parallel schedule (atomic insert, ordered gather splat); with 1 thread, and
-    B=2 always, whole images per thread (lattice_serial.h: serial table, tiled splat in pixel order): all
-    bitwise equal."""
-    image = textured_image(40, 36, 2).float().repeat(batch, 1, 1, 1)
-    values = torch.randn(batch, 7, 40, 36, generator=torch.Generator().manual_seed(1), dtype=dtype)
+@pytest.mark.parametrize("h, w, k", [(40, 36, 7), (37, 23, 1), (37, 23, 21), (33, 29, 4)])
+def test_deterministic_mode_bitwise_across_runs_and_threads(dtype, batch, h, w, k):
+    """B=1 with 2 threads runs the parallel schedule (atomic insert, ordered gather splat, one pixel per call of
+    elevate_point); with 1 thread, and B=2 always, whole images per thread (lattice_serial.h: serial table,
+    elevation four pixels per call, tiled splat in pixel order on vector rows padded to whole vectors): all
+    bitwise equal. Pixel counts and channels that are not whole vectors or tiles take the scalar tails."""
+    image = textured_image(h, w, 2).float().repeat(batch, 1, 1, 1)
+    values = torch.randn(batch, k, h, w, generator=torch.Generator().manual_seed(1), dtype=dtype)
     outs = []
     with deterministic_mode():
         for n in (1, 2, 2, 1):
