@@ -92,17 +92,13 @@ constexpr uint64_t all_fields() {
 constexpr uint64_t kNoKey = ~uint64_t{0};
 static_assert(3 + kBits * kMaxD <= 64, "packed keys: D fields of kBits and 3 bits of remainder");
 
-// The left and right neighbours of point p along lattice axis `axis` (the key data of NeighbourKernel: every
-// coordinate -1, the axis's +D; and the opposite), on packed keys.
+// The left neighbour of point p along lattice axis `axis` (the key data of NeighbourKernel: every coordinate -1,
+// the axis's +D), on packed keys; the right neighbour is the inverse step, so a point is its left neighbour's
+// right neighbour.
 template <int D>
 inline uint64_t left_neighbour(uint64_t p, int axis) {
   const uint64_t ua = axis < D ? field(axis) : 0;
   return (p & 7) >= 1 ? p - 1 + ua : p + D - (all_fields<D>() - ua);
-}
-template <int D>
-inline uint64_t right_neighbour(uint64_t p, int axis) {
-  const uint64_t ua = axis < D ? field(axis) : 0;
-  return (p & 7) <= D - 1 ? p + 1 - ua : p - D + (all_fields<D>() - ua);
 }
 
 // ---------------------------------------------------------------------------- workspace
@@ -128,7 +124,10 @@ struct Workspace {
   }
 };
 
-inline Workspace& workspace() {
+// `static`: each library (and each source file) that includes this header has its own workspaces. An inline
+// function's thread_local would be one object per process (a GNU unique symbol), shared with any other build of
+// this library loaded beside it (a benchmark's baseline, another checkout), whose Workspace may differ.
+static Workspace& workspace() {
   thread_local Workspace ws;
   return ws;
 }
@@ -493,11 +492,11 @@ int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, in
   const uint64_t* points = table.points();
   for (int axis = 0; axis < V; ++axis) {
     int32_t* nb = neighbours + static_cast<int64_t>(axis) * m * 2;
-    for (int64_t l = 0; l < m; ++l) {
+    for (int64_t l = 0; l < m; ++l) nb[2 * l + 1] = static_cast<int32_t>(m);
+    for (int64_t l = 0; l < m; ++l) {  // a is l's left neighbour exactly when l is a's right one
       const int32_t a = table.find(left_neighbour<D>(points[l], axis));
-      const int32_t b = table.find(right_neighbour<D>(points[l], axis));
       nb[2 * l] = a < 0 ? static_cast<int32_t>(m) : a;
-      nb[2 * l + 1] = b < 0 ? static_cast<int32_t>(m) : b;
+      if (a >= 0) nb[2 * a + 1] = static_cast<int32_t>(l);
     }
   }
   clock.mark("neighbours");
