@@ -244,9 +244,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> lattice_b
           for (int64_t bi = b0; bi < b1; ++bi) {
             serial::Workspace& ws = serial::workspace();
             StageClock clock(profile_stages());
-            const int64_t m = serial::build_image_whole<D>(
-                TensorFeatures<D>{f + bi * n * D}, n, weights.data_ptr<scalar_t>() + bi * n * V,
-                entries.data_ptr<int32_t>() + bi * n * V, ws, clock);
+            int64_t m = 0;
+            scalar_t* w = weights.data_ptr<scalar_t>() + bi * n * V;
+            int32_t* e = entries.data_ptr<int32_t>() + bi * n * V;
+            serial::run_best_isa([&](auto isa) LOCBE_INLINE_LAMBDA {
+              m = serial::build_image_whole<D, decltype(isa)>(TensorFeatures<D>{f + bi * n * D}, n, w, e, ws, clock);
+            });
             const int32_t* nb = serial::Workspace::take<int32_t>(ws.neighbours, V * m * 2);
             blocks[bi].assign(nb, nb + V * m * 2);
           }
@@ -335,9 +338,11 @@ void lattice_apply_into(const torch::Tensor& weights, const torch::Tensor& entri
             const int64_t c0 = k * s / splits, c1 = k * (s + 1) / splits;
             StageClock clock(profile_stages());
             const int64_t first = bi * k * n + c0 * (pixel_major ? 1 : n);  // channel c0 of image bi
-            serial::apply_image_whole<D>(wp + bi * n * V, ep + bi * n * V, np + o[bi] * V * 2, o[bi + 1] - o[bi], n,
-                                         vin + first, vout + first, c1 - c0, reverse, serial::workspace(), clock,
-                                         /*buffer_share=*/1, /*ld=*/pixel_major ? k : 0);
+            serial::run_best_isa([&](auto isa) LOCBE_INLINE_LAMBDA {
+              serial::apply_image_whole<D, decltype(isa)>(wp + bi * n * V, ep + bi * n * V, np + o[bi] * V * 2, o[bi + 1] - o[bi],
+                                           n, vin + first, vout + first, c1 - c0, reverse, serial::workspace(), clock,
+                                           /*buffer_share=*/1, /*ld=*/pixel_major ? k : 0);
+            });
           }
         });
       }

@@ -112,10 +112,10 @@ struct OneLane {
   using F = float;
   using I = int;
   using M = bool;
-  static HOST_DEVICE I ones(M m) { return m ? 1 : 0; }  // 1 where m holds, else 0
-  static HOST_DEVICE F pick(M m, F a, F b) { return m ? a : b; }
-  static HOST_DEVICE I trunc(F x) { return static_cast<int>(x); }
-  static HOST_DEVICE F to_float(I x) { return static_cast<float>(x); }
+  static HOST_DEVICE LOCBE_INLINE I ones(M m) { return m ? 1 : 0; }  // 1 where m holds, else 0
+  static HOST_DEVICE LOCBE_INLINE F pick(M m, F a, F b) { return m ? a : b; }
+  static HOST_DEVICE LOCBE_INLINE I trunc(F x) { return static_cast<int>(x); }
+  static HOST_DEVICE LOCBE_INLINE F to_float(I x) { return static_cast<float>(x); }
 };
 
 // ---------------------------------------------------------------------------- 1. elevate
@@ -392,7 +392,7 @@ struct BlurKernel {
   const int32_t* neighbours;  // (M, 2) of this axis
   int64_t k;
 
-  HOST_DEVICE void operator()(int64_t l) const {
+  HOST_DEVICE LOCBE_INLINE void operator()(int64_t l) const {
     const scalar_t* left = src + static_cast<int64_t>(neighbours[2 * l]) * k;
     const scalar_t* right = src + static_cast<int64_t>(neighbours[2 * l + 1]) * k;
     const scalar_t* mid = src + l * k;

@@ -37,6 +37,7 @@ namespace locbe {
 // image filtered by the whole-image schedule, on stderr (docs/regloss.md)
 struct StageClock {
   bool on;
+  const char* isa = "";  // the instruction set the schedule ran with (run_best_isa)
   double t = 0;
   char buf[512];
   int len = 0;
@@ -55,11 +56,18 @@ struct StageClock {
   void mark(const char* stage) {
     if (!on) return;
     const double now = now_ms();
-    len += std::snprintf(buf + len, sizeof(buf) - len, " %s %.2f", stage, now - t);
+    append(" %s %.2f", stage, now - t);
     t = now;
   }
-  ~StageClock() {
-    if (on) std::fprintf(stderr, "lattice stages (ms):%s\n", buf);
+  // printf into the line; a long line (many channel chunks) is cut, never written past the buffer
+  template <class... Args>
+  void append(const char* format, Args... args) {
+    if (!on || len >= static_cast<int>(sizeof(buf)) - 1) return;
+    len += std::snprintf(buf + len, sizeof(buf) - len, format, args...);
+    len = std::min(len, static_cast<int>(sizeof(buf)) - 1);
+  }
+  ~StageClock() {  // on one line, the instruction set last
+    if (on) std::fprintf(stderr, "lattice stages (ms):%s%s%s\n", buf, isa[0] ? " | isa " : "", isa);
   }
 };
 
@@ -139,12 +147,12 @@ class PointTable {
  public:
   PointTable(Workspace& ws, int64_t capacity) : ws_(ws) { reset(capacity); }
 
-  int32_t find(uint64_t key) const {
+  LOCBE_INLINE int32_t find(uint64_t key) const {
     const uint64_t s = probe(key);
     return keys_[s] == key ? index_[s] : -1;
   }
 
-  int32_t find_or_add(uint64_t key) {
+  LOCBE_INLINE int32_t find_or_add(uint64_t key) {
     const uint64_t s = probe(key);
     if (keys_[s] == key) return index_[s];
     const int32_t l = static_cast<int32_t>(size_);
@@ -165,7 +173,7 @@ class PointTable {
 
  private:
   // the slot holding `key`, or the empty slot where it belongs
-  uint64_t probe(uint64_t key) const {
+  LOCBE_INLINE uint64_t probe(uint64_t key) const {
     uint64_t s = (key * 0x9E3779B97F4A7C15ull) >> shift_;
     while (keys_[s] != key && keys_[s] != kNoKey) s = (s + 1) & mask_;
     return s;
@@ -194,40 +202,81 @@ class PointTable {
   int shift_ = 64;
 };
 
-// ---------------------------------------------------------------------------- 1. elevate, several pixels at once
-// elevate_point on four pixels per call with GCC vector lanes (SSE2, every x86-64 has it; other compilers and
-// nvcc's host pass take one lane). The floats are OneLane's: the same function, the same operations per lane.
+// ---------------------------------------------------------------------------- vectors and instruction sets
+// The schedule's inner loops are written on GCC vector types: elevate_point on several pixels per call (lanes of
+// float and int) and the splat / slice on vectors of a pixel's channels. It is compiled for two instruction sets
+// (run_best_isa below): Baseline, vectors of 16 bytes (SSE2, every x86-64 has it), and Avx2, vectors of 32 bytes.
+// Per lane the operations and their order are those of one lane (OneLane, the GPU's), so all give the same floats.
+// Other compilers and nvcc's host pass take one lane.
 #if defined(__GNUC__) && !defined(__CUDACC__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only ever run inside AVX2 code, inlined
+template <int Bytes>
+struct VectorLanes;
+#define LOCBE_VECTOR_LANES(BYTES)                                                            \
+  template <>                                                                                \
+  struct VectorLanes<BYTES> {                                                                \
+    typedef float F __attribute__((vector_size(BYTES)));                                     \
+    typedef int I __attribute__((vector_size(BYTES)));                                       \
+    using M = I; /* -1 where a comparison holds, else 0 */                                   \
+    static constexpr int kLanes = BYTES / 4;                                                 \
+    LOCBE_INLINE static I ones(M m) { return -m; }                                           \
+    LOCBE_INLINE static F pick(M m, F a, F b) { return m ? a : b; }                          \
+    LOCBE_INLINE static I trunc(F x) { return __builtin_convertvector(x, I); }               \
+    LOCBE_INLINE static F to_float(I x) { return __builtin_convertvector(x, F); }            \
+  };
+LOCBE_VECTOR_LANES(16)
+LOCBE_VECTOR_LANES(32)
+#undef LOCBE_VECTOR_LANES
+template <typename scalar_t, int Bytes>
+struct RowVec;
+#define LOCBE_ROW_VEC(T, BYTES)                             \
+  template <>                                               \
+  struct RowVec<T, BYTES> {                                 \
+    typedef T type __attribute__((vector_size(BYTES)));     \
+  };
+LOCBE_ROW_VEC(float, 16)
+LOCBE_ROW_VEC(float, 32)
+LOCBE_ROW_VEC(double, 16)
+LOCBE_ROW_VEC(double, 32)
+#undef LOCBE_ROW_VEC
 typedef float LaneF4 __attribute__((vector_size(16)));
 typedef int LaneI4 __attribute__((vector_size(16)));
-struct FourLanes {
-  using F = LaneF4;
-  using I = LaneI4;
-  using M = LaneI4;  // -1 where a comparison holds, else 0
-  static constexpr int kLanes = 4;
-  static I ones(M m) { return -m; }
-  static F pick(M m, F a, F b) { return m ? a : b; }
-  static I trunc(F x) { return __builtin_convertvector(x, LaneI4); }
-  static F to_float(I x) { return __builtin_convertvector(x, LaneF4); }
+struct Baseline {
+  static constexpr const char* kName = "baseline";
+  static constexpr int kBytes = 16;
+  using Lanes = VectorLanes<16>;
 };
-using PixelLanes = FourLanes;
+struct Avx2 {
+  static constexpr const char* kName = "avx2";
+  static constexpr int kBytes = 32;
+  using Lanes = VectorLanes<32>;
+};
 #else
-struct PixelLanes : OneLane {
-  static constexpr int kLanes = 1;
+template <typename scalar_t, int Bytes>
+struct RowVec {
+  using type = scalar_t;
+};
+struct Baseline {
+  static constexpr const char* kName = "baseline";
+  static constexpr int kBytes = 0;
+  struct Lanes : OneLane {
+    static constexpr int kLanes = 1;
+  };
 };
 #endif
 
+// ---------------------------------------------------------------------------- 1. elevate, several pixels at once
 // Elevation of a tile of pixels held feature by feature: f[j][p] -> rem0[j][p], rank[j][p], bary[r][p]. Rows are
 // kElevateTile long; lanes past `count` compute on whatever the row holds and are ignored.
 constexpr int64_t kElevateTile = 64;
-static_assert(kElevateTile % PixelLanes::kLanes == 0, "whole lanes per tile");
 
-template <int D>
-void elevate_tile(const float (*f)[kElevateTile], int64_t count, int32_t (*rem0)[kElevateTile],
-                  int32_t (*rank)[kElevateTile], float (*bary)[kElevateTile]) {
-  using L = PixelLanes;
-  using F = L::F;
-  using I = L::I;
+template <int D, class Isa>
+LOCBE_INLINE void elevate_tile(const float (*f)[kElevateTile], int64_t count, int32_t (*rem0)[kElevateTile],
+                               int32_t (*rank)[kElevateTile], float (*bary)[kElevateTile]) {
+  using L = typename Isa::Lanes;
+  using F = typename L::F;
+  using I = typename L::I;
+  static_assert(kElevateTile % L::kLanes == 0, "whole lanes per tile");
   constexpr int V = D + 1;
   for (int64_t p = 0; p < count; p += L::kLanes) {
     F fl[D], bl[V];
@@ -246,8 +295,8 @@ void elevate_tile(const float (*f)[kElevateTile], int64_t count, int32_t (*rem0)
 // Returns false if a feature is not finite or too large for packed keys. Pixels in order, a tile at a time: the
 // tile's features (Features::gather), their elevation (elevate_tile), then each pixel's lattice points; consecutive
 // pixels of an image row often share their simplex.
-template <int D, typename scalar_t, class Features>
-bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t* weights, int32_t* entries) {
+template <int D, class Isa, typename scalar_t, class Features>
+LOCBE_INLINE bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t* weights, int32_t* entries) {
   constexpr int V = D + 1;
   constexpr int64_t T = kElevateTile;
   bool ok = true;
@@ -255,9 +304,9 @@ bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t*
   uint64_t prev_key[V];
   int32_t prev_index[V] = {0};
   std::fill(prev_key, prev_key + V, kNoKey);
-  alignas(16) float f[D][T] = {};
-  alignas(16) float bary[V][T];
-  alignas(16) int32_t rem0[V][T], rank[V][T];
+  alignas(32) float f[D][T] = {};
+  alignas(32) float bary[V][T];
+  alignas(32) int32_t rem0[V][T], rank[V][T];
   for (int64_t i0 = 0; i0 < n; i0 += T) {
     const int64_t np = std::min(T, n - i0);
     feat.gather(i0, np, &f[0][0], T);
@@ -268,7 +317,7 @@ bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t*
         if (!finite) f[j][p] = 0.0f;
       }
     }
-    elevate_tile<D>(f, np, rem0, rank, bary);
+    elevate_tile<D, Isa>(f, np, rem0, rank, bary);
 
     for (int64_t p = 0; p < np; ++p) {
       const int64_t i = i0 + p;
@@ -309,56 +358,45 @@ bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t*
 }
 
 // ---------------------------------------------------------------------------- channel rows as vectors
-// The splat's and slice's inner loops run over one pixel's channels. They are written on vectors of 16 bytes
-// (4 floats, 2 doubles; GCC vector types), the lattice rows and the pixel tiles padded to whole vectors (`kp`
-// channels, the pad zero), so the loops have no scalar tail there. Per channel the operations and their order are
-// the scalar loop's, so are the floats.
-#if defined(__GNUC__) && !defined(__CUDACC__)
-template <typename scalar_t>
-struct RowVec {
-  typedef scalar_t type __attribute__((vector_size(16)));
-};
-#else
-template <typename scalar_t>
-struct RowVec {
-  using type = scalar_t;
-};
-#endif
-template <typename scalar_t>
+// The splat's and slice's inner loops run over one pixel's channels, on vectors of Bytes bytes; the lattice rows
+// and the pixel tiles are padded to whole vectors (`kp` channels, the pad zero), so the loops have no scalar tail
+// there.
+template <typename scalar_t, int Bytes>
 constexpr int64_t row_lanes() {
-  return sizeof(typename RowVec<scalar_t>::type) / sizeof(scalar_t);
+  return sizeof(typename RowVec<scalar_t, Bytes>::type) / sizeof(scalar_t);
 }
-template <typename scalar_t>
-inline int64_t padded_channels(int64_t k) {
-  return (k + row_lanes<scalar_t>() - 1) / row_lanes<scalar_t>() * row_lanes<scalar_t>();
+template <typename scalar_t, int Bytes>
+LOCBE_INLINE int64_t padded_channels(int64_t k) {
+  constexpr int64_t W = row_lanes<scalar_t, Bytes>();
+  return (k + W - 1) / W * W;
 }
 template <typename T, typename scalar_t>
-inline T load_vec(const scalar_t* p) {
+LOCBE_INLINE T load_vec(const scalar_t* p) {
   T x;
   std::memcpy(&x, p, sizeof x);
   return x;
 }
 template <typename T, typename scalar_t>
-inline void store_vec(scalar_t* p, T x) {
+LOCBE_INLINE void store_vec(scalar_t* p, T x) {
   std::memcpy(p, &x, sizeof x);
 }
 
 // row[c] += w v[c] for c < k (whole vectors, then one channel at a time)
-template <typename scalar_t>
-inline void add_scaled_row(scalar_t* __restrict__ row, scalar_t w, const scalar_t* __restrict__ v, int64_t k) {
-  using Vec = typename RowVec<scalar_t>::type;
-  constexpr int64_t W = row_lanes<scalar_t>();
+template <int Bytes, typename scalar_t>
+LOCBE_INLINE void add_scaled_row(scalar_t* __restrict__ row, scalar_t w, const scalar_t* __restrict__ v, int64_t k) {
+  using Vec = typename RowVec<scalar_t, Bytes>::type;
+  constexpr int64_t W = row_lanes<scalar_t, Bytes>();
   int64_t c = 0;
   for (; c + W <= k; c += W) store_vec(row + c, load_vec<Vec>(row + c) + w * load_vec<Vec>(v + c));
   for (; c < k; ++c) row[c] += w * v[c];
 }
 
 // out[c] = alpha (sum over r of w[r] rows[r][c], r in vertex order) for c < k
-template <int V, typename scalar_t>
-inline void weighted_rows(const scalar_t* const* rows, const scalar_t* w, scalar_t alpha, int64_t k,
-                          scalar_t* __restrict__ out) {
-  using Vec = typename RowVec<scalar_t>::type;
-  constexpr int64_t W = row_lanes<scalar_t>();
+template <int V, int Bytes, typename scalar_t>
+LOCBE_INLINE void weighted_rows(const scalar_t* const* rows, const scalar_t* w, scalar_t alpha, int64_t k,
+                                scalar_t* __restrict__ out) {
+  using Vec = typename RowVec<scalar_t, Bytes>::type;
+  constexpr int64_t W = row_lanes<scalar_t, Bytes>();
   int64_t c = 0;
   for (; c + W <= k; c += W) {
     Vec acc{};
@@ -375,7 +413,7 @@ inline void weighted_rows(const scalar_t* const* rows, const scalar_t* w, scalar
 // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: the tiles' transpositions. Floats go in blocks of
 // 4 x 4 through registers (GCC's __builtin_shuffle), the rest one at a time.
 template <typename scalar_t>
-inline void transpose_block(const scalar_t* __restrict__ src, int64_t lds, int64_t rows, int64_t cols,
+LOCBE_INLINE void transpose_block(const scalar_t* __restrict__ src, int64_t lds, int64_t rows, int64_t cols,
                             scalar_t* __restrict__ dst, int64_t ldd) {
   int64_t i0 = 0;
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
@@ -409,15 +447,15 @@ inline void transpose_block(const scalar_t* __restrict__ src, int64_t lds, int64
 // of kp (pad zero); pixel-major values (pixel i's K at vin + i * ld) are read in place.
 constexpr int64_t kTile = 64;
 
-template <int V, typename scalar_t>
-inline void splat_pixel(const scalar_t* v, const scalar_t* __restrict__ weights, const int32_t* __restrict__ entries,
+template <int V, int Bytes, typename scalar_t>
+LOCBE_INLINE void splat_pixel(const scalar_t* v, const scalar_t* __restrict__ weights, const int32_t* __restrict__ entries,
                         int64_t i, int64_t k, int64_t kp, scalar_t* __restrict__ lattice) {
   for (int r = 0; r < V; ++r)
-    add_scaled_row(lattice + static_cast<int64_t>(entries[i * V + r]) * kp, weights[i * V + r], v, k);
+    add_scaled_row<Bytes>(lattice + static_cast<int64_t>(entries[i * V + r]) * kp, weights[i * V + r], v, k);
 }
 
-template <int V, typename scalar_t>
-void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weights,
+template <int V, int Bytes, typename scalar_t>
+LOCBE_INLINE void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weights,
            const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t* __restrict__ lattice,
            scalar_t* __restrict__ tile) {
   for (int64_t p0 = 0; p0 < n; p0 += kTile) {
@@ -425,63 +463,96 @@ void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weight
     for (int64_t p = 0; p < np; ++p)
       for (int64_t c = k; c < kp; ++c) tile[p * kp + c] = 0;
     transpose_block(vin + p0, n, k, np, tile, kp);
-    for (int64_t p = 0; p < np; ++p) splat_pixel<V>(tile + p * kp, weights, entries, p0 + p, kp, kp, lattice);
+    for (int64_t p = 0; p < np; ++p) splat_pixel<V, Bytes>(tile + p * kp, weights, entries, p0 + p, kp, kp, lattice);
   }
 }
 
-template <int V, typename scalar_t>
-void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const scalar_t* __restrict__ weights,
+template <int V, int Bytes, typename scalar_t>
+LOCBE_INLINE void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const scalar_t* __restrict__ weights,
                 const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t* __restrict__ lattice) {
-  for (int64_t i = 0; i < n; ++i) splat_pixel<V>(vin + i * ld, weights, entries, i, k, kp, lattice);
+  for (int64_t i = 0; i < n; ++i) splat_pixel<V, Bytes>(vin + i * ld, weights, entries, i, k, kp, lattice);
 }
 
 // ---------------------------------------------------------------------------- 6. slice
 // alpha x (sum over r, in vertex order, of w_r x lattice row): per tile of pixels, transposed back to (K, N), or in
 // place into pixel-major rows.
-template <int V, typename scalar_t>
-inline void slice_pixel(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+template <int V, int Bytes, typename scalar_t>
+LOCBE_INLINE void slice_pixel(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
                         const int32_t* __restrict__ entries, int64_t i, int64_t k, int64_t kp, scalar_t alpha,
                         scalar_t* out) {
   const scalar_t* rows[V];
   for (int r = 0; r < V; ++r) rows[r] = lattice + static_cast<int64_t>(entries[i * V + r]) * kp;
-  weighted_rows<V>(rows, weights + i * V, alpha, k, out);
+  weighted_rows<V, Bytes>(rows, weights + i * V, alpha, k, out);
 }
 
-template <int V, typename scalar_t>
-void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+template <int V, int Bytes, typename scalar_t>
+LOCBE_INLINE void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
            const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
            scalar_t* __restrict__ vout, scalar_t* __restrict__ tile) {
   for (int64_t p0 = 0; p0 < n; p0 += kTile) {
     const int64_t np = std::min(kTile, n - p0);
-    for (int64_t p = 0; p < np; ++p) slice_pixel<V>(lattice, weights, entries, p0 + p, kp, kp, alpha, tile + p * kp);
+    for (int64_t p = 0; p < np; ++p) slice_pixel<V, Bytes>(lattice, weights, entries, p0 + p, kp, kp, alpha, tile + p * kp);
     transpose_block(tile, kp, np, k, vout + p0, n);
   }
 }
 
-template <int V, typename scalar_t>
-void slice_rows(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
+template <int V, int Bytes, typename scalar_t>
+LOCBE_INLINE void slice_rows(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
                 const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
                 scalar_t* __restrict__ vout, int64_t ld) {
-  for (int64_t i = 0; i < n; ++i) slice_pixel<V>(lattice, weights, entries, i, k, kp, alpha, vout + i * ld);
+  for (int64_t i = 0; i < n; ++i) slice_pixel<V, Bytes>(lattice, weights, entries, i, k, kp, alpha, vout + i * ld);
 }
 
 template <typename scalar_t>
-bool all_finite(const scalar_t* v, int64_t count) {
+LOCBE_INLINE bool all_finite(const scalar_t* v, int64_t count) {
   bool ok = true;
   for (int64_t i = 0; i < count; ++i) ok &= std::fabs(v[i]) <= std::numeric_limits<scalar_t>::max();
   return ok;
 }
 
 
+// ---------------------------------------------------------------------------- instruction set
+// With GCC on x86-64 the whole-image schedule runs compiled for AVX2 where the CPU has it, else for the baseline
+// (SSE2): its bodies are always-inline, so `with_avx2` compiles them a second time. FMA stays off (target "avx2"
+// does not enable it), so every lane computes the baseline's floats bit for bit (tests/test_regloss.py runs both;
+// LOCBE_LATTICE_ISA=baseline picks the baseline).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define LOCBE_AVX2_DISPATCH 1
+#define LOCBE_INLINE_LAMBDA __attribute__((always_inline))
+template <class Body>
+__attribute__((target("avx2"), noinline)) void with_avx2(const Body& body) {
+  body(Avx2{});
+}
+inline bool use_avx2() {
+  static const bool on = [] {
+    const char* isa = std::getenv("LOCBE_LATTICE_ISA");
+    return __builtin_cpu_supports("avx2") && !(isa != nullptr && std::strcmp(isa, "baseline") == 0);
+  }();
+  return on;
+}
+#else
+#define LOCBE_INLINE_LAMBDA
+#endif
+
+// Calls body(isa) compiled for the best instruction set the CPU has: Avx2{} or Baseline{} (the body's callees must
+// be always-inline to be compiled for it).
+template <class Body>
+void run_best_isa(const Body& body) {
+#ifdef LOCBE_AVX2_DISPATCH
+  if (use_avx2()) return with_avx2(body);
+#endif
+  body(Baseline{});
+}
+
 // ---------------------------------------------------------------------------- build and apply of one image
 // One image's lattice on the calling thread: weights and entries (N x (D+1)) written by the caller's pointers, the
 // blur neighbours ((D+1) x M x 2, missing = M) left in the workspace (ws.neighbours); returns M.
-template <int D, typename scalar_t, class Features>
-int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, int32_t* entries, Workspace& ws,
+template <int D, class Isa, typename scalar_t, class Features>
+LOCBE_INLINE int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, int32_t* entries, Workspace& ws,
                           StageClock& clock) {
   constexpr int V = D + 1;
   PointTable table(ws, std::max<int64_t>(ws.last_capacity, 4096));
-  const bool ok = build_lattice<D>(feat, n, table, weights, entries);
+  const bool ok = build_lattice<D, Isa>(feat, n, table, weights, entries);
   TORCH_CHECK_VALUE(ok, "lattice_filter: image features must be finite and at most ~1300 in absolute value "
                     "(pixel / sigma_rgb, position / sigma_xy); increase sigma_xy/sigma_rgb");
   ws.last_capacity = table.capacity();
@@ -500,16 +571,15 @@ int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, in
     }
   }
   clock.mark("neighbours");
-  if (clock.on) clock.len += std::snprintf(clock.buf + clock.len, sizeof(clock.buf) - clock.len, " | M %lld, table %lld",
-                                           static_cast<long long>(m), static_cast<long long>(table.capacity()));
+  clock.append(" | M %lld, table %lld", static_cast<long long>(m), static_cast<long long>(table.capacity()));
   return m;
 }
 
 // W (or W^T with `reverse`) applied to K channels of one image on the calling thread: values (K, N) -> out (K, N),
 // or, with `ld` > 0, pixel-major values and out (pixel i's K channels at i * ld, ld >= K).
 // The lattice value buffers use the workspace's `shared` buffer (the hash table's, after a build).
-template <int D, typename scalar_t>
-void apply_image_whole(const scalar_t* weights, const int32_t* entries, const int32_t* neighbours, int64_t m,
+template <int D, class Isa, typename scalar_t>
+LOCBE_INLINE void apply_image_whole(const scalar_t* weights, const int32_t* entries, const int32_t* neighbours, int64_t m,
                        int64_t n, const scalar_t* vin, scalar_t* vout, int64_t k, bool reverse, Workspace& ws,
                        StageClock& clock, int64_t buffer_share = 2, int64_t ld = 0) {
   const int64_t cs = ld > 0 ? 1 : n;  // channel stride
@@ -520,16 +590,16 @@ void apply_image_whole(const scalar_t* weights, const int32_t* entries, const in
   // that its d = 2 lattice (more points than pixels) needs fewer passes over the pixels.
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(k, (k * n) / (2 * buffer_share * (m + 1))));
   const scalar_t alpha = static_cast<scalar_t>(1.0 / (1.0 + std::pow(2.0, -D)));
-  const int64_t chunk_padded = padded_channels<scalar_t>(chunk);
+  const int64_t chunk_padded = padded_channels<scalar_t, Isa::kBytes>(chunk);
   scalar_t* tile = Workspace::take<scalar_t>(ws.tile, kTile * chunk_padded);
   scalar_t* lattice = Workspace::take<scalar_t>(ws.shared, 2 * (m + 1) * chunk_padded);
   scalar_t* other = lattice + (m + 1) * chunk_padded;
   for (int64_t c0 = 0; c0 < k; c0 += chunk) {
     const int64_t kc = std::min(chunk, k - c0);
-    const int64_t kp = padded_channels<scalar_t>(kc);  // the lattice's row stride
+    const int64_t kp = padded_channels<scalar_t, Isa::kBytes>(kc);  // the lattice's row stride
     std::fill(lattice, lattice + (m + 1) * kp, scalar_t(0));
-    if (ld > 0) splat_rows<V>(vin + c0 * cs, ld, weights, entries, n, kc, kp, lattice);
-    else splat<V>(vin + c0 * cs, weights, entries, n, kc, kp, lattice, tile);
+    if (ld > 0) splat_rows<V, Isa::kBytes>(vin + c0 * cs, ld, weights, entries, n, kc, kp, lattice);
+    else splat<V, Isa::kBytes>(vin + c0 * cs, weights, entries, n, kc, kp, lattice, tile);
     // a non-finite value reaches the lattice whatever its weight (inf x 0 is NaN): one check on M x K sums
     TORCH_CHECK_VALUE(all_finite(lattice, m * kp), "lattice_filter: values must be finite (found NaN or inf)");
     clock.mark("splat");
@@ -541,8 +611,8 @@ void apply_image_whole(const scalar_t* weights, const int32_t* entries, const in
       std::swap(lattice, other);
     }
     clock.mark("blur");
-    if (ld > 0) slice_rows<V>(lattice, weights, entries, n, kc, kp, alpha, vout + c0 * cs, ld);
-    else slice<V>(lattice, weights, entries, n, kc, kp, alpha, vout + c0 * cs, tile);
+    if (ld > 0) slice_rows<V, Isa::kBytes>(lattice, weights, entries, n, kc, kp, alpha, vout + c0 * cs, ld);
+    else slice<V, Isa::kBytes>(lattice, weights, entries, n, kc, kp, alpha, vout + c0 * cs, tile);
     clock.mark("slice");
   }
 }
@@ -560,9 +630,13 @@ void filter_image_whole(const float* img, const scalar_t* vin, scalar_t* vout, i
   scalar_t* weights = Workspace::take<scalar_t>(ws.weights, n * kV);
   int32_t* entries = Workspace::take<int32_t>(ws.entries, n * kV);
   const ImageFeatures feat{img, n, w, static_cast<float>(1.0 / sigma_xy), static_cast<float>(1.0 / sigma_rgb)};
-  const int64_t m = build_image_whole<kD>(feat, n, weights, entries, ws, clock);
-  apply_image_whole<kD>(weights, entries, Workspace::take<int32_t>(ws.neighbours, kV * m * 2), m, n, vin, vout, k,
-                        reverse, ws, clock);
+  run_best_isa([&](auto isa) LOCBE_INLINE_LAMBDA {
+    using Isa = decltype(isa);
+    clock.isa = Isa::kName;
+    const int64_t m = build_image_whole<kD, Isa>(feat, n, weights, entries, ws, clock);
+    apply_image_whole<kD, Isa>(weights, entries, Workspace::take<int32_t>(ws.neighbours, kV * m * 2), m, n, vin, vout,
+                               k, reverse, ws, clock);
+  });
 }
 
 }  // namespace locbe

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,6 +147,60 @@ def test_deterministic_mode_bitwise_across_runs_and_threads(dtype, batch, h, w, 
                 outs.append(lattice_filter(image, values, 10.0, 15.0))
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+
+
+# Outputs of the whole-image schedule (filter: (K, N) values, f32 and f64, channels and pixel counts that are not
+# whole vectors; the CRF's build and apply: pixel-major and transposed, d = 2 and 5), saved to argv[1].
+ISA_SCRIPT = """
+import sys, torch
+from locbe.lattice import Lattice, lattice_filter
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(3)
+outs = []
+for h, w, k, dtype in [(37, 23, 21, torch.float32), (40, 36, 7, torch.float64), (33, 29, 81, torch.float32),
+                       (9, 11, 1, torch.float32)]:
+    image = torch.rand(2, 3, h, w, generator=g) * 255
+    outs.append(lattice_filter(image, torch.rand(2, k, h, w, generator=g, dtype=dtype), 10.0, 15.0))
+for d in (2, 5):
+    lattice = Lattice(torch.rand(2, 300, d, generator=g) * 6)
+    rows = torch.rand(2, 300, 7, generator=g)
+    outs += [lattice.weights, lattice.apply(rows.transpose(1, 2)), lattice.apply(rows.transpose(1, 2).contiguous(),
+                                                                                 transpose=True)]
+torch.save(outs, sys.argv[1])
+"""
+
+
+def _compiler_is_gcc() -> bool:
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        return False
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    return "clang" not in version.lower() and "Free Software Foundation" in version
+
+
+def test_the_instruction_sets_give_the_same_bits(tmp_path):
+    """The whole-image schedule runs compiled for AVX2 where the CPU has it and for the baseline (SSE2) otherwise
+    (run_best_isa, cuda/lattice_serial.h; LOCBE_LATTICE_ISA=baseline forces the baseline). Wider vectors change
+    neither the operations per lane nor their order, and FMA stays off, so both give the same bits. The profile
+    line names the set that ran: on an AVX2 CPU with GCC the default must be AVX2, or the test compares the
+    baseline with itself."""
+    runs = {}
+    for isa in ("baseline", "default"):
+        env = {k: v for k, v in os.environ.items() if k != "LOCBE_LATTICE_ISA"}
+        env["LOCBE_LATTICE_PROFILE"] = "1"
+        if isa == "baseline":
+            env["LOCBE_LATTICE_ISA"] = "baseline"
+        out = tmp_path / f"{isa}.pt"
+        proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(out)], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[isa] = (torch.load(out, weights_only=True), proc.stderr)
+    assert "| isa baseline" in runs["baseline"][1] and "| isa avx2" not in runs["baseline"][1]
+    cpu_flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if platform.machine() == "x86_64" and "avx2" in cpu_flags and _compiler_is_gcc():
+        assert "| isa avx2" in runs["default"][1] and "| isa baseline" not in runs["default"][1]
+    assert len(runs["baseline"][0]) == len(runs["default"][0]) == 10
+    for a, b in zip(runs["baseline"][0], runs["default"][0]):
+        assert a.dtype == b.dtype and torch.equal(a, b), (a - b).abs().max()
 
 
 def test_atomic_splat_refused_in_deterministic_mode(extension):
