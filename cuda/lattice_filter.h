@@ -162,6 +162,7 @@ torch::Tensor lattice_filter_impl(const torch::Tensor& image_in, const torch::Te
   TORCH_CHECK(n * kV < (int64_t{1} << 30), "image too large for the lattice filter (", n, " pixels)");
   auto out = torch::empty_like(values, torch::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
+  if constexpr (!Launch::kCuda) advise_huge_pages(out.data_ptr(), out.numel() * out.element_size());
   const auto opts = values.options();
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "lattice_filter", [&] {
