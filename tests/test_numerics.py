@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic_sets import make_synthetic_set
 
 from locbe.cli import numerics_from_argv
 from locbe.config import get_preset
@@ -89,11 +90,7 @@ def test_the_record_says_when_pinning_is_not_in_force(monkeypatch):
 # ----------------------------------------------------------------------------- real runs through the command
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic") / "voc"
-    subprocess.run([sys.executable, "-m", "locbe.cli", "make-synthetic", "--out", str(root), "--num-train", "16",
-                    "--num-val", "4", "--seed", "5"], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
-    return root
+    return make_synthetic_set(tmp_path_factory.mktemp("synthetic"), 16, 4, 5)
 
 
 def _short_run(root: Path, out: Path, threads: int, *extra: str) -> tuple[list[dict], dict, dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic_sets import make_synthetic_set
 from tqdm import tqdm
 
 from locbe.runtime.progress import LINE_EVERY_FRACTION, LINE_EVERY_SECONDS, LineProgress, progress_bar
@@ -93,11 +94,7 @@ def test_leave_false_is_quiet_for_a_quick_stage_and_paced_for_a_slow_one():
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic") / "voc"
-    subprocess.run([sys.executable, "-m", "locbe.cli", "make-synthetic", "--out", str(root), "--num-train", "24",
-                    "--num-val", "4", "--seed", "3"], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
-    return root
+    return make_synthetic_set(tmp_path_factory.mktemp("synthetic"), 24, 4, 3)
 
 
 def test_smoke_run_logged_to_a_file_has_progress_lines_and_no_cuda_notice(synthetic_root, tmp_path):
