@@ -183,3 +183,23 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
         assert [e.step for e in events] == [r["step"] for r in rows if key in r]
         assert [e.value for e in events] == pytest.approx([r[key] for r in rows if key in r])  # stored as float32
     assert [e.value for e in acc.Scalars("lr")] == pytest.approx([r["lr"] for r in rows])
+
+
+def test_seed_plots_of_small_values_put_the_power_of_ten_above_the_plot():
+    """Tick labels of a series that stays below 0.1 (the reg term, about -0.01 in smoke runs; the lr) would run past
+    the plot's left margin as decimals: those plots show multiples of a power of ten, written above the plot; the
+    plots of larger values keep plain decimals, and every tick label stays inside the figure."""
+    rows = fake_log(steps=60, boundary=20)
+    for r in rows:
+        if "reg" in r:
+            r["reg"] = -0.0125 + 0.0001 * r["step"]
+    fig = build_seed_figure([("seed 0", rows)], [20], "smoke")
+    fig.canvas.draw()
+    offsets = {ax.get_title(): ax.yaxis.get_offset_text().get_text() for ax in fig.axes}
+    assert offsets["reg"] and offsets["learning rate"]
+    assert offsets["total (weighted sum)"] == "" and offsets["cls"] == ""
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for label in ax.get_yticklabels():
+            if label.get_visible() and label.get_text():
+                assert label.get_window_extent(renderer).x0 >= 0, (ax.get_title(), label.get_text())

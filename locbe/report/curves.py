@@ -202,8 +202,11 @@ def build_seed_figure(runs: Sequence[tuple[str, Sequence[dict]]], boundaries: Se
                      fontsize=10)
         ax.tick_params(labelsize=8)
         ax.set_xlabel("step", fontsize=8, labelpad=1)
-        if key == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        # series whose values all stay below 0.1 (the reg term, the lr) as multiples of a power of ten written above
+        # the plot: their decimals would run past the plot's left margin
+        values = [abs(y) for _, rows in runs for y in _points(rows, key)[1]]
+        if values and max(values) < 0.1:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         ax.grid(alpha=0.3)
     handles = [h for h in fig.axes[0].get_lines() if not h.get_label().startswith("_")]
     from matplotlib.lines import Line2D
