@@ -340,9 +340,10 @@ void lattice_apply_into(const torch::Tensor& weights, const torch::Tensor& entri
             StageClock clock(profile_stages());
             const int64_t first = bi * k * n + c0 * (pixel_major ? 1 : n);  // channel c0 of image bi
             serial::run_best_isa([&](auto isa) LOCBE_INLINE_LAMBDA {
-              serial::apply_image_whole<D, decltype(isa)>(wp + bi * n * V, ep + bi * n * V, np + o[bi] * V * 2, o[bi + 1] - o[bi],
-                                           n, vin + first, vout + first, c1 - c0, reverse, serial::workspace(), clock,
-                                           /*buffer_share=*/1, /*ld=*/pixel_major ? k : 0);
+              serial::apply_image_whole<D, decltype(isa)>(wp + bi * n * V, ep + bi * n * V, np + o[bi] * V * 2,
+                                                          o[bi + 1] - o[bi], n, vin + first, vout + first, c1 - c0,
+                                                          reverse, serial::workspace(), clock, /*buffer_share=*/1,
+                                                          /*ld=*/pixel_major ? k : 0);
             });
           }
         });

@@ -229,8 +229,10 @@ class PointTable {
 // float and int) and the splat / slice on vectors of a pixel's channels. It is compiled for two instruction sets
 // (run_best_isa below): Baseline, vectors of 16 bytes (SSE2, every x86-64 has it), and Avx2, vectors of 32 bytes.
 // Per lane the operations and their order are those of one lane (OneLane, the GPU's), so all give the same floats.
-// Other compilers and nvcc's host pass take one lane.
-#if defined(__GNUC__) && !defined(__CUDACC__)
+// Other compilers (clang too: its support of these vector operations differs by version) and nvcc's host pass
+// take one lane.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && !defined(LOCBE_ONE_LANE)
+#define LOCBE_GCC_VECTORS 1  // -DLOCBE_ONE_LANE builds the one-lane code (as other compilers get it)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only ever run inside AVX2 code, inlined
 template <int Bytes>
 struct VectorLanes;
@@ -318,7 +320,8 @@ LOCBE_INLINE void elevate_tile(const float (*f)[kElevateTile], int64_t count, in
 // tile's features (Features::gather), their elevation (elevate_tile), then each pixel's lattice points; consecutive
 // pixels of an image row often share their simplex.
 template <int D, class Isa, typename scalar_t, class Features>
-LOCBE_INLINE bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t* weights, int32_t* entries) {
+LOCBE_INLINE bool build_lattice(const Features& feat, int64_t n, PointTable& table, scalar_t* weights,
+                                int32_t* entries) {
   constexpr int V = D + 1;
   constexpr int64_t T = kElevateTile;
   bool ok = true;
@@ -438,7 +441,7 @@ template <typename scalar_t>
 LOCBE_INLINE void transpose_block(const scalar_t* __restrict__ src, int64_t lds, int64_t rows, int64_t cols,
                             scalar_t* __restrict__ dst, int64_t ldd) {
   int64_t i0 = 0;
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#ifdef LOCBE_GCC_VECTORS
   if constexpr (std::is_same_v<scalar_t, float>) {
     using V = LaneF4;
     using Mask = LaneI4;
@@ -470,8 +473,9 @@ LOCBE_INLINE void transpose_block(const scalar_t* __restrict__ src, int64_t lds,
 constexpr int64_t kTile = 64;
 
 template <int V, int Bytes, typename scalar_t>
-LOCBE_INLINE void splat_pixel(const scalar_t* v, const scalar_t* __restrict__ weights, const int32_t* __restrict__ entries,
-                        int64_t i, int64_t k, int64_t kp, scalar_t* __restrict__ lattice) {
+LOCBE_INLINE void splat_pixel(const scalar_t* v, const scalar_t* __restrict__ weights,
+                              const int32_t* __restrict__ entries, int64_t i, int64_t k, int64_t kp,
+                              scalar_t* __restrict__ lattice) {
   for (int r = 0; r < V; ++r)
     add_scaled_row<Bytes>(lattice + static_cast<int64_t>(entries[i * V + r]) * kp, weights[i * V + r], v, k);
 }
@@ -513,7 +517,8 @@ LOCBE_INLINE void slice(const scalar_t* __restrict__ lattice, const scalar_t* __
            scalar_t* __restrict__ vout, scalar_t* __restrict__ tile) {
   for (int64_t p0 = 0; p0 < n; p0 += kTile) {
     const int64_t np = std::min(kTile, n - p0);
-    for (int64_t p = 0; p < np; ++p) slice_pixel<V, Bytes>(lattice, weights, entries, p0 + p, kp, kp, alpha, tile + p * kp);
+    for (int64_t p = 0; p < np; ++p)
+      slice_pixel<V, Bytes>(lattice, weights, entries, p0 + p, kp, kp, alpha, tile + p * kp);
     transpose_block(tile, kp, np, k, vout + p0, n);
   }
 }
@@ -538,7 +543,7 @@ LOCBE_INLINE bool all_finite(const scalar_t* v, int64_t count) {
 // (SSE2): its bodies are always-inline, so `with_avx2` compiles them a second time. FMA stays off (target "avx2"
 // does not enable it), so every lane computes the baseline's floats bit for bit (tests/test_regloss.py runs both;
 // LOCBE_LATTICE_ISA=baseline picks the baseline).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#if defined(LOCBE_GCC_VECTORS) && defined(__x86_64__)
 #define LOCBE_AVX2_DISPATCH 1
 #define LOCBE_INLINE_LAMBDA __attribute__((always_inline))
 template <class Body>
@@ -570,8 +575,8 @@ void run_best_isa(const Body& body) {
 // One image's lattice on the calling thread: weights and entries (N x (D+1)) written by the caller's pointers, the
 // blur neighbours ((D+1) x M x 2, missing = M) left in the workspace (ws.neighbours); returns M.
 template <int D, class Isa, typename scalar_t, class Features>
-LOCBE_INLINE int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, int32_t* entries, Workspace& ws,
-                          StageClock& clock) {
+LOCBE_INLINE int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, int32_t* entries,
+                                       Workspace& ws, StageClock& clock) {
   constexpr int V = D + 1;
   PointTable table(ws, std::max<int64_t>(ws.last_capacity, 4096));
   const bool ok = build_lattice<D, Isa>(feat, n, table, weights, entries);
@@ -601,9 +606,9 @@ LOCBE_INLINE int64_t build_image_whole(const Features& feat, int64_t n, scalar_t
 // or, with `ld` > 0, pixel-major values and out (pixel i's K channels at i * ld, ld >= K).
 // The lattice value buffers use the workspace's `shared` buffer (the hash table's, after a build).
 template <int D, class Isa, typename scalar_t>
-LOCBE_INLINE void apply_image_whole(const scalar_t* weights, const int32_t* entries, const int32_t* neighbours, int64_t m,
-                       int64_t n, const scalar_t* vin, scalar_t* vout, int64_t k, bool reverse, Workspace& ws,
-                       StageClock& clock, int64_t buffer_share = 2, int64_t ld = 0) {
+LOCBE_INLINE void apply_image_whole(const scalar_t* weights, const int32_t* entries, const int32_t* neighbours,
+                                    int64_t m, int64_t n, const scalar_t* vin, scalar_t* vout, int64_t k, bool reverse,
+                                    Workspace& ws, StageClock& clock, int64_t buffer_share = 2, int64_t ld = 0) {
   const int64_t cs = ld > 0 ? 1 : n;  // channel stride
   constexpr int V = D + 1;
   // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed the image's share of
