@@ -350,7 +350,7 @@ void lattice_apply_into(const torch::Tensor& weights, const torch::Tensor& entri
       }
     });
   });
-  }
+}
 
 template <class Launch>
 torch::Tensor lattice_apply_impl(const torch::Tensor& weights, const torch::Tensor& entries,

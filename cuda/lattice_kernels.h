@@ -184,35 +184,34 @@ HOST_DEVICE LOCBE_INLINE void elevate_point(const typename L::F* f, typename L::
 // Feature sources of the elevation: the loss's five image features (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) computed
 // from the image, or D features per pixel read from an (N, D) tensor (the dense CRF's, divided by their sigmas).
 struct ImageFeatures {
-  static constexpr int kDim = kD;
   const float* image;  // (3, N) channel-first, 0..255
   int64_t n, width;
   float inv_sxy, inv_srgb;
-  HOST_DEVICE void operator()(int64_t i, float* f) const {
-    f[0] = static_cast<float>(i % width) * inv_sxy;
-    f[1] = static_cast<float>(i / width) * inv_sxy;
+  // pixel i at column x, row y
+  HOST_DEVICE void at(int64_t i, int64_t x, int64_t y, float* f) const {
+    f[0] = static_cast<float>(x) * inv_sxy;
+    f[1] = static_cast<float>(y) * inv_sxy;
     for (int c = 0; c < 3; ++c) f[2 + c] = image[c * n + i] * inv_srgb;
   }
-  // Pixels i0 .. i0 + count - 1 feature by feature (feature j of pixel i0 + p at out[j * stride + p]), the same
-  // floats as operator(); for the CPU whole-image schedule, which walks the pixels in order (no division each).
+  HOST_DEVICE void operator()(int64_t i, float* f) const { at(i, i % width, i / width, f); }
+  // Pixels i0 .. i0 + count - 1 feature by feature (feature j of pixel i0 + p at out[j * stride + p]); for the CPU
+  // whole-image schedule, which walks the pixels in order (no division per pixel).
   void gather(int64_t i0, int64_t count, float* out, int64_t stride) const {
     int64_t y = i0 / width, x = i0 - y * width;
     for (int64_t p = 0; p < count; ++p) {
-      out[p] = static_cast<float>(x) * inv_sxy;
-      out[stride + p] = static_cast<float>(y) * inv_sxy;
+      float f[kD];
+      at(i0 + p, x, y, f);
+      for (int j = 0; j < kD; ++j) out[j * stride + p] = f[j];
       if (++x == width) {
         x = 0;
         ++y;
       }
     }
-    for (int c = 0; c < 3; ++c)
-      for (int64_t p = 0; p < count; ++p) out[(2 + c) * stride + p] = image[c * n + i0 + p] * inv_srgb;
   }
 };
 
 template <int D>
 struct TensorFeatures {
-  static constexpr int kDim = D;
   const float* features;  // (N, D)
   HOST_DEVICE void operator()(int64_t i, float* f) const {
     for (int j = 0; j < D; ++j) f[j] = features[i * D + j];

@@ -41,7 +41,7 @@ namespace locbe {
 // image filtered by the whole-image schedule, on stderr (docs/regloss.md)
 struct StageClock {
   bool on;
-  const char* isa = "";  // the instruction set the schedule ran with (run_best_isa)
+  const char* isa = "";  // the instruction set the schedule ran with (set by build/apply_image_whole)
   double t = 0;
   char buf[512];
   int len = 0;
@@ -263,8 +263,6 @@ LOCBE_ROW_VEC(float, 32)
 LOCBE_ROW_VEC(double, 16)
 LOCBE_ROW_VEC(double, 32)
 #undef LOCBE_ROW_VEC
-typedef float LaneF4 __attribute__((vector_size(16)));
-typedef int LaneI4 __attribute__((vector_size(16)));
 struct Baseline {
   static constexpr const char* kName = "baseline";
   static constexpr int kBytes = 16;
@@ -439,12 +437,12 @@ LOCBE_INLINE void weighted_rows(const scalar_t* const* rows, const scalar_t* w, 
 // 4 x 4 through registers (GCC's __builtin_shuffle), the rest one at a time.
 template <typename scalar_t>
 LOCBE_INLINE void transpose_block(const scalar_t* __restrict__ src, int64_t lds, int64_t rows, int64_t cols,
-                            scalar_t* __restrict__ dst, int64_t ldd) {
+                                  scalar_t* __restrict__ dst, int64_t ldd) {
   int64_t i0 = 0;
 #ifdef LOCBE_GCC_VECTORS
   if constexpr (std::is_same_v<scalar_t, float>) {
-    using V = LaneF4;
-    using Mask = LaneI4;
+    using V = VectorLanes<16>::F;
+    using Mask = VectorLanes<16>::I;
     for (; i0 + 4 <= rows; i0 += 4) {
       int64_t j = 0;
       for (; j + 4 <= cols; j += 4) {
@@ -482,20 +480,21 @@ LOCBE_INLINE void splat_pixel(const scalar_t* v, const scalar_t* __restrict__ we
 
 template <int V, int Bytes, typename scalar_t>
 LOCBE_INLINE void splat(const scalar_t* __restrict__ vin, const scalar_t* __restrict__ weights,
-           const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t* __restrict__ lattice,
-           scalar_t* __restrict__ tile) {
+                        const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp,
+                        scalar_t* __restrict__ lattice, scalar_t* __restrict__ tile) {
+  std::fill(tile, tile + kTile * kp, scalar_t(0));  // the pad channels stay zero: the transpositions fill c < k
   for (int64_t p0 = 0; p0 < n; p0 += kTile) {
     const int64_t np = std::min(kTile, n - p0);
-    for (int64_t p = 0; p < np; ++p)
-      for (int64_t c = k; c < kp; ++c) tile[p * kp + c] = 0;
     transpose_block(vin + p0, n, k, np, tile, kp);
-    for (int64_t p = 0; p < np; ++p) splat_pixel<V, Bytes>(tile + p * kp, weights, entries, p0 + p, kp, kp, lattice);
+    for (int64_t p = 0; p < np; ++p)
+      splat_pixel<V, Bytes>(tile + p * kp, weights, entries, p0 + p, kp, kp, lattice);
   }
 }
 
 template <int V, int Bytes, typename scalar_t>
 LOCBE_INLINE void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const scalar_t* __restrict__ weights,
-                const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t* __restrict__ lattice) {
+                             const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp,
+                             scalar_t* __restrict__ lattice) {
   for (int64_t i = 0; i < n; ++i) splat_pixel<V, Bytes>(vin + i * ld, weights, entries, i, k, kp, lattice);
 }
 
@@ -504,8 +503,8 @@ LOCBE_INLINE void splat_rows(const scalar_t* __restrict__ vin, int64_t ld, const
 // place into pixel-major rows.
 template <int V, int Bytes, typename scalar_t>
 LOCBE_INLINE void slice_pixel(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
-                        const int32_t* __restrict__ entries, int64_t i, int64_t k, int64_t kp, scalar_t alpha,
-                        scalar_t* out) {
+                              const int32_t* __restrict__ entries, int64_t i, int64_t k, int64_t kp, scalar_t alpha,
+                              scalar_t* out) {
   const scalar_t* rows[V];
   for (int r = 0; r < V; ++r) rows[r] = lattice + static_cast<int64_t>(entries[i * V + r]) * kp;
   weighted_rows<V, Bytes>(rows, weights + i * V, alpha, k, out);
@@ -513,8 +512,8 @@ LOCBE_INLINE void slice_pixel(const scalar_t* __restrict__ lattice, const scalar
 
 template <int V, int Bytes, typename scalar_t>
 LOCBE_INLINE void slice(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
-           const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
-           scalar_t* __restrict__ vout, scalar_t* __restrict__ tile) {
+                        const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
+                        scalar_t* __restrict__ vout, scalar_t* __restrict__ tile) {
   for (int64_t p0 = 0; p0 < n; p0 += kTile) {
     const int64_t np = std::min(kTile, n - p0);
     for (int64_t p = 0; p < np; ++p)
@@ -525,8 +524,8 @@ LOCBE_INLINE void slice(const scalar_t* __restrict__ lattice, const scalar_t* __
 
 template <int V, int Bytes, typename scalar_t>
 LOCBE_INLINE void slice_rows(const scalar_t* __restrict__ lattice, const scalar_t* __restrict__ weights,
-                const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
-                scalar_t* __restrict__ vout, int64_t ld) {
+                             const int32_t* __restrict__ entries, int64_t n, int64_t k, int64_t kp, scalar_t alpha,
+                             scalar_t* __restrict__ vout, int64_t ld) {
   for (int64_t i = 0; i < n; ++i) slice_pixel<V, Bytes>(lattice, weights, entries, i, k, kp, alpha, vout + i * ld);
 }
 
@@ -536,7 +535,6 @@ LOCBE_INLINE bool all_finite(const scalar_t* v, int64_t count) {
   for (int64_t i = 0; i < count; ++i) ok &= std::fabs(v[i]) <= std::numeric_limits<scalar_t>::max();
   return ok;
 }
-
 
 // ---------------------------------------------------------------------------- instruction set
 // With GCC on x86-64 the whole-image schedule runs compiled for AVX2 where the CPU has it, else for the baseline
@@ -578,6 +576,7 @@ template <int D, class Isa, typename scalar_t, class Features>
 LOCBE_INLINE int64_t build_image_whole(const Features& feat, int64_t n, scalar_t* weights, int32_t* entries,
                                        Workspace& ws, StageClock& clock) {
   constexpr int V = D + 1;
+  clock.isa = Isa::kName;
   PointTable table(ws, std::max<int64_t>(ws.last_capacity, 4096));
   const bool ok = build_lattice<D, Isa>(feat, n, table, weights, entries);
   TORCH_CHECK_VALUE(ok, "lattice_filter: image features must be finite and at most ~1300 in absolute value "
@@ -611,6 +610,7 @@ LOCBE_INLINE void apply_image_whole(const scalar_t* weights, const int32_t* entr
                                     Workspace& ws, StageClock& clock, int64_t buffer_share = 2, int64_t ld = 0) {
   const int64_t cs = ld > 0 ? 1 : n;  // channel stride
   constexpr int V = D + 1;
+  clock.isa = Isa::kName;
   // channels in chunks so that the two lattice value buffers, 2 (M + 1) x chunk, never exceed the image's share of
   // S (K x N) divided by `buffer_share`: the lattice can have more points than the image has pixels. The loss
   // keeps them within half its share (2); the CRF's applications (lattice_apply) take its whole share (1), so
@@ -659,7 +659,6 @@ void filter_image_whole(const float* img, const scalar_t* vin, scalar_t* vout, i
   const ImageFeatures feat{img, n, w, static_cast<float>(1.0 / sigma_xy), static_cast<float>(1.0 / sigma_rgb)};
   run_best_isa([&](auto isa) LOCBE_INLINE_LAMBDA {
     using Isa = decltype(isa);
-    clock.isa = Isa::kName;
     const int64_t m = build_image_whole<kD, Isa>(feat, n, weights, entries, ws, clock);
     apply_image_whole<kD, Isa>(weights, entries, Workspace::take<int32_t>(ws.neighbours, kV * m * 2), m, n, vin, vout,
                                k, reverse, ws, clock);
