@@ -25,6 +25,7 @@ from locbe.lattice.build import cuda_build_problem, find_cuda_home, load_extensi
 from locbe.lattice.op import _filter
 from locbe.lattice.reference import dense_filter, serial_lattice_filter
 from locbe.method.regloss import RegularizedLoss
+from locbe.runtime.numerics import cpu_flags
 
 # float32 kernel vs float64 serial reference: both round features to float32 the same way, so only
 # the accumulation order/precision differs (measured 6.6e-8); 1e-5 is the bound.
@@ -195,8 +196,7 @@ def test_the_instruction_sets_give_the_same_bits(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[isa] = (torch.load(out, weights_only=True), proc.stderr)
     assert "| isa baseline" in runs["baseline"][1] and "| isa avx2" not in runs["baseline"][1]
-    cpu_flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    if platform.machine() == "x86_64" and "avx2" in cpu_flags and _compiler_is_gcc():
+    if platform.machine() == "x86_64" and "avx2" in cpu_flags() and _compiler_is_gcc():
         assert "| isa avx2" in runs["default"][1] and "| isa baseline" not in runs["default"][1]
     assert len(runs["baseline"][0]) == len(runs["default"][0]) == 10
     for a, b in zip(runs["baseline"][0], runs["default"][0]):

@@ -1,12 +1,12 @@
-"""The permutohedral-lattice engine: the custom op ``locbe::lattice_filter`` (C++/CUDA sources in cuda/), its
-build and load, input checks, fake kernel and autograd, the plain references it is tested against, and the
-authors' host layout for benchmarks.
+"""The permutohedral-lattice engine: the custom ops ``locbe::lattice_filter``, ``lattice_build`` and
+``lattice_apply`` (C++/CUDA sources in cuda/; ``Lattice`` builds once and applies many times), their build and
+load, input checks, fake kernels and autograd, and the plain references they are tested against.
 
 It serves the regularized loss (locbe/method/regloss.py) and the evaluation's dense CRF; it knows nothing of
 either. May import: locbe.runtime and locbe.errors only. Everything is imported on first use, so that
 ``locbe build-ext --help`` does not import torch."""
 
-_HOMES = {"lattice_filter": "op", "Lattice": "op", "build_lattice": "op", "image_features": "reference",
+_HOMES = {"lattice_filter": "op", "Lattice": "op", "image_features": "reference",
           "ensure_loaded": "build", "load_extension": "build"}
 __all__ = sorted(_HOMES)
 

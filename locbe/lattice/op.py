@@ -161,7 +161,3 @@ class Lattice:
         self.weights.mul_(scale.reshape(self.batch, self.pixels, 1).to(self.weights.dtype))
         return self
 
-
-def build_lattice(features: torch.Tensor) -> Lattice:
-    """``Lattice(features)``: see there."""
-    return Lattice(features)

@@ -193,9 +193,11 @@ def build_seed_figure(runs: Sequence[tuple[str, Sequence[dict]]], boundaries: Se
         r, c = divmod(i, SEED_COLUMNS)
         y0 = h - SEED_TOP - (r + 1) * th
         ax = fig.add_axes(((c * tw + 55) / w, (y0 + 35) / h, (tw - 75) / w, (th - 65) / h))
+        largest = -1.0  # the largest |value| of the series, -1 while it has none
         for j, (label, rows) in enumerate(runs):
             xs, ys = _points(rows, key)
             ax.plot(xs, ys, color=f"C{j % 10}", linewidth=1.0, alpha=0.85, label=label)
+            largest = max([largest, *map(abs, ys)])
         _mark_phases(ax, boundaries, label=False)
         ax.set_xlim(span[0] - 0.02 * (span[1] - span[0]), span[1] + 0.02 * (span[1] - span[0]))
         ax.set_title("learning rate" if key == "lr" else ("total (weighted sum)" if key == "total" else key),
@@ -204,8 +206,7 @@ def build_seed_figure(runs: Sequence[tuple[str, Sequence[dict]]], boundaries: Se
         ax.set_xlabel("step", fontsize=8, labelpad=1)
         # series whose values all stay below 0.1 (the reg term, the lr) as multiples of a power of ten written above
         # the plot: their decimals would run past the plot's left margin
-        values = [abs(y) for _, rows in runs for y in _points(rows, key)[1]]
-        if values and max(values) < 0.1:
+        if 0 <= largest < 0.1:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         ax.grid(alpha=0.3)
     handles = [h for h in fig.axes[0].get_lines() if not h.get_label().startswith("_")]

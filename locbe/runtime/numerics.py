@@ -7,7 +7,7 @@ Three things change the floats of one CPU run of the same code on the same data 
   AVX2 otherwise), and the code paths of MKL (``MKL_CBWR``) and oneDNN (``ONEDNN_MAX_CPU_ISA``), which each pick
   their own by CPU model and vendor;
 - nothing else we found: the data pipeline draws from per-item generators (worker count is free), and the
-  lattice op is compiled for baseline x86-64 (no -march).
+  lattice op gives the same bits with its AVX2 and its baseline code (docs/regloss.md, "Instruction sets").
 
 ``cpu_numerics="pinned"`` (the smoke presets) fixes all of them: one intra-op thread and the AVX2 code paths.
 Libraries read these variables once, when they first run, so the ``locbe`` command sets them before anything
@@ -110,15 +110,13 @@ def _env_text() -> str:
     return " ".join(f"{k}={v}" for k, v in PINNED_ENV.items())
 
 
-def cpu_model() -> str:
-    """The CPU's model name (and its flags' AVX family), for env.json."""
+def _cpuinfo() -> tuple[str, set[str]] | None:
+    """The first CPU's model name and flags from /proc/cpuinfo; None where there is none (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        import platform
-
-        return platform.processor() or "unknown"
+        return None
     name, flags = "unknown", set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -126,6 +124,23 @@ def cpu_model() -> str:
             name = value.strip()
         elif key.strip() == "flags" and not flags:
             flags = set(value.split())
+    return name, flags
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``avx2``, ...), empty where they cannot be read."""
+    info = _cpuinfo()
+    return info[1] if info else set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (and its flags' AVX family), for env.json."""
+    info = _cpuinfo()
+    if info is None:
+        import platform
+
+        return platform.processor() or "unknown"
+    name, flags = info
     avx = sorted(f for f in flags if f.startswith(("avx", "amx")))
     return f"{name} ({' '.join(avx) or 'no AVX'})"
 
